@@ -1,0 +1,113 @@
+"""Evaluation suites of one model state: the 7 STS tasks, STS-B dev, and the geometry of the embedding space.
+
+Metric names (also the W&B keys): ``eval/<task>`` is a task's headline score (pooled 'all' for STS12-16, test split for
+STS-B and SICK-R), ``eval/<task>/<subset>`` the per-sub-dataset scores, ``eval/sts_avg`` the 7-task average,
+``eval/stsb_dev`` the model-selection score, ``eval/uniformity`` and ``eval/isotropy`` the geometry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sempa_exp import geometry, sts
+from sempa_exp.embedding import SentenceEncoder
+
+log = logging.getLogger(__name__)
+
+GEOMETRY_SAMPLE_DOC = "the first N distinct sentences of STS-B dev, in file order (sentence1 then sentence2 per pair)"
+
+
+@dataclass
+class EvalData:
+    tasks: dict[str, list[sts.StsSplit]] = field(default_factory=dict)
+    stsb_dev: sts.StsSplit | None = None
+    geometry_sentences: list[str] = field(default_factory=list)
+
+
+def load_eval_data(data_dir: Path, suites: Iterable[str], geometry_sample: int = 2000) -> EvalData:
+    """Reads what the suites need; a missing or malformed file fails here, before any model is loaded."""
+    suites = set(suites)
+    data = EvalData()
+    if "sts" in suites:
+        data.tasks = {task: sts.load_task(data_dir, task) for task in sts.STS_TASKS}
+    if suites & {"stsb_dev", "geometry"}:
+        data.stsb_dev = sts.load_stsb_dev(data_dir)
+    if "geometry" in suites:
+        pairs = zip(data.stsb_dev.sentences1, data.stsb_dev.sentences2)
+        ordered = dict.fromkeys(s for pair in pairs for s in pair)
+        data.geometry_sentences = list(ordered)[:geometry_sample]
+    return data
+
+
+def sentences_needed(data: EvalData, suites: Iterable[str]) -> list[str]:
+    suites = set(suites)
+    out: list[str] = []
+    if "sts" in suites:
+        out += [s for splits in data.tasks.values() for split in splits for s in split.sentences]
+    if "stsb_dev" in suites and data.stsb_dev is not None:
+        out += data.stsb_dev.sentences
+    if "geometry" in suites:
+        out += data.geometry_sentences
+    return list(dict.fromkeys(out))
+
+
+def evaluate(encoder: SentenceEncoder, data: EvalData, suites: Iterable[str]) -> dict[str, float]:
+    suites = list(dict.fromkeys(suites))
+    encoder.encode(sentences_needed(data, suites))  # one pass over every distinct sentence, length-sorted
+    metrics: dict[str, float] = {}
+    if "sts" in suites:
+        headline = []
+        for task, splits in data.tasks.items():
+            scores = sts.score_task(splits, encoder.encode)
+            short = sts.SHORT_NAMES[task]
+            metrics[f"eval/{short}"] = scores["all"]
+            if len(splits) > 1:
+                metrics.update({f"eval/{short}/{name}": v for name, v in scores.items() if name != "all"})
+            headline.append(scores["all"])
+        metrics["eval/sts_avg"] = float(np.mean(headline))
+    if "stsb_dev" in suites:
+        metrics["eval/stsb_dev"] = sts.score_task([data.stsb_dev], encoder.encode)["all"]
+    if "geometry" in suites:
+        emb = encoder.encode(data.geometry_sentences)
+        metrics["eval/uniformity"] = geometry.uniformity(emb)
+        metrics["eval/isotropy"] = geometry.isotropy(emb)
+    return metrics
+
+
+class EmbeddingCache:
+    """Embeddings of an untrained backbone on disk, keyed by everything that determines them."""
+
+    def __init__(self, root: Path, key_parts: dict) -> None:
+        key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
+        self.folder = Path(root).expanduser() / "embeddings" / key
+        self.key_parts = key_parts
+
+    def load_into(self, encoder: SentenceEncoder) -> int:
+        sentences_file, vectors_file = self.folder / "sentences.json", self.folder / "vectors.npy"
+        if not (sentences_file.exists() and vectors_file.exists()):
+            return 0
+        sentences = json.loads(sentences_file.read_text())
+        vectors = np.load(vectors_file)
+        if len(sentences) != len(vectors):
+            log.warning("ignoring inconsistent embedding cache %s", self.folder)
+            return 0
+        encoder.memo.update(zip(sentences, vectors))
+        return len(sentences)
+
+    def save_from(self, encoder: SentenceEncoder) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        sentences = list(encoder.memo)
+        tmp_s, tmp_v = self.folder / "sentences.json.tmp", self.folder / "vectors.tmp.npy"
+        tmp_s.write_text(json.dumps(sentences))
+        np.save(tmp_v, np.stack([encoder.memo[s] for s in sentences]))
+        (self.folder / "key.json").write_text(json.dumps(self.key_parts, indent=1, sort_keys=True))
+        os.replace(tmp_v, self.folder / "vectors.npy")
+        os.replace(tmp_s, self.folder / "sentences.json")

