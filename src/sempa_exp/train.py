@@ -174,6 +174,10 @@ class Run:
                          CheckpointEvalCallback(lambda step: self.evaluate_step(step, cfg.eval.at_checkpoint))]
             self.trainer = build_trainer(cfg, model, self.tokenizer, dataset, checkpoints, callbacks,
                                          prep.world_size, use_cpu=self.device.type == "cpu")
+            self.num_train_pairs = len(self.trainer.train_dataset)
+            if self.num_train_pairs < len(dataset):
+                log.warning("TRL dropped %d of %d pairs whose prompt alone exceeds trainer.max_length=%d",
+                            len(dataset) - self.num_train_pairs, len(dataset), cfg.trainer.max_length)
             self.evaluate_step(0, cfg.eval.at_start, untrained=True)
             started = time.time()
             self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -211,8 +215,9 @@ class Run:
             "template": cfg.template.name,
             "embed": cfg.embed.name,
             "data_size": len(prep.triplets),
+            "train_pairs": self.num_train_pairs,
             "final_step": final_step,
-            "samples_seen": final_step * self.samples_per_step,
+            "samples_seen": min(final_step * self.samples_per_step, self.num_train_pairs * cfg.trainer.epochs),
             "train_seconds_this_session": train_seconds,
             "start": evaluations.get(0, {}),
             "final": evaluations.get(final_step, {}),

@@ -1,0 +1,125 @@
+"""Shared fixtures: a small synthetic data root in the normalized layout, and composed configs on the tiny backbone."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from sempa_exp.schema import register_configs
+from sempa_exp.train import CONF_DIR
+
+SUBJECTS = ["a man", "a woman", "the dog", "two children", "a cat", "the chef", "a girl", "an old man"]
+VERBS = ["is playing", "is eating", "is riding", "is cutting", "is watching", "is cleaning"]
+OBJECTS = ["a guitar", "an apple", "a horse", "the bread", "a movie", "the kitchen", "a ball", "the car"]
+
+STS_LAYOUT = {
+    "STS12": ["MSRpar", "MSRvid"],
+    "STS13": ["FNWN", "headlines"],
+    "STS14": ["images", "OnWN"],
+    "STS15": ["belief", "images"],
+    "STS16": ["headlines", "plagiarism"],
+    "STSBenchmark": ["train", "dev", "test"],
+    "SICKRelatedness": ["train", "trial", "test"],
+}
+
+
+def _sentence(rng: random.Random) -> tuple[int, int, int]:
+    return rng.randrange(len(SUBJECTS)), rng.randrange(len(VERBS)), rng.randrange(len(OBJECTS))
+
+
+def _text(parts: tuple[int, int, int]) -> str:
+    s, v, o = parts
+    return f"{SUBJECTS[s].capitalize()} {VERBS[v]} {OBJECTS[o]}."
+
+
+def write_sts_split(path: Path, rng: random.Random, n_pairs: int) -> None:
+    """Pairs whose gold score is the number of shared slots (subject/verb/object) plus noise, 0-5."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        f.write("sentence1\tsentence2\tscore\n")
+        for _ in range(n_pairs):
+            a = _sentence(rng)
+            b = tuple(x if rng.random() < 0.5 else rng.randrange(n) for x, n in
+                      zip(a, (len(SUBJECTS), len(VERBS), len(OBJECTS))))
+            shared = sum(x == y for x, y in zip(a, b))
+            score = min(5.0, shared * 5 / 3 + rng.uniform(-0.4, 0.4))
+            f.write(f"{_text(a)}\t{_text(b)}\t{max(0.0, score):.3f}\n")
+
+
+def write_nli(path: Path, rng: random.Random, n: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sent0", "sent1", "hard_neg"])
+        for i in range(n):
+            s, v, o = _sentence(rng)
+            premise = f"{SUBJECTS[s].capitalize()} {VERBS[v]} {OBJECTS[o]} near house {i}."
+            entail = f"{SUBJECTS[s].capitalize()} {VERBS[v]} something."
+            contra = f"{SUBJECTS[(s + 1) % len(SUBJECTS)].capitalize()} is sleeping."
+            writer.writerow([premise, entail, contra])
+
+
+def make_data_root(root: Path, seed: int = 0, pairs: int = 24, nli_rows: int = 160) -> Path:
+    rng = random.Random(seed)
+    for task, splits in STS_LAYOUT.items():
+        for split in splits:
+            write_sts_split(root / "sts" / task / f"{split}.tsv", rng, pairs)
+    write_nli(root / "nli" / "nli_triplets_devsets_subset.csv.gz", rng, nli_rows)
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    return make_data_root(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch):
+    """No test touches the user's runs, caches or W&B account."""
+    monkeypatch.setenv("SEMPA_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("SEMPA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("SEMPA_DATA_DIR", raising=False)
+
+
+TINY_OVERRIDES = [
+    "backbone=tiny",
+    "trainer=cpu",
+    "trainer.bf16=false",
+    "trainer.per_device_batch_size=4",
+    "trainer.grad_accum_steps=2",
+    "trainer.checkpoint_every_samples=16",
+    "trainer.max_length=512",
+    "data.size=32",
+    "eval=geometry",
+    "eval.geometry_sample=40",
+    "logger=none",
+]
+
+
+def compose_config(overrides: list[str] | None = None, data_root: Path | None = None) -> DictConfig:
+    register_configs()
+    extra = [f"paths.data_dir={data_root}"] if data_root is not None else []
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[*(overrides or []), *extra], return_hydra_config=False)
+
+
+@pytest.fixture
+def tiny_cfg(data_root, tmp_path):
+    def make(*overrides: str) -> DictConfig:
+        return compose_config([*TINY_OVERRIDES, f"paths.runs_dir={tmp_path / 'runs'}", *overrides], data_root)
+
+    return make
+
+
+def pytest_report_header(config):
+    return f"SEMPA_DATA_DIR={os.environ.get('SEMPA_DATA_DIR', '(unset)')}"
