@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -47,8 +48,8 @@ def write_sts_split(path: Path, rng: random.Random, n_pairs: int) -> None:
         for _ in range(n_pairs):
             a = _sentence(rng)
             b = tuple(x if rng.random() < 0.5 else rng.randrange(n) for x, n in
-                      zip(a, (len(SUBJECTS), len(VERBS), len(OBJECTS))))
-            shared = sum(x == y for x, y in zip(a, b))
+                      zip(a, (len(SUBJECTS), len(VERBS), len(OBJECTS)), strict=True))
+            shared = sum(x == y for x, y in zip(a, b, strict=True))
             score = min(5.0, shared * 5 / 3 + rng.uniform(-0.4, 0.4))
             f.write(f"{_text(a)}\t{_text(b)}\t{max(0.0, score):.3f}\n")
 
@@ -80,8 +81,28 @@ def data_root(tmp_path_factory) -> Path:
     return make_data_root(tmp_path_factory.mktemp("data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per process lose
+    several-fold to oversubscription. Session scope: module-scoped runs are set up before function fixtures."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
-def _isolated_env(tmp_path, monkeypatch):
+def _restored_environ():
+    """Whatever a test (or the code it calls, e.g. distributed.export_from_submitit) writes into os.environ is undone:
+    a leaked WORLD_SIZE/MASTER_ADDR makes every later trainer wait for a rendezvous that never comes."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch, _restored_environ):
     """No test touches the user's runs, caches or W&B account."""
     monkeypatch.setenv("SEMPA_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("SEMPA_CACHE_DIR", str(tmp_path / "cache"))
@@ -89,6 +110,7 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("SEMPA_DATA_DIR", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # subprocesses (the CLI tests) too
 
 
 TINY_OVERRIDES = [

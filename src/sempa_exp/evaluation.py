@@ -2,7 +2,11 @@
 
 Metric names (also the W&B keys): ``eval/<task>`` is a task's headline score (pooled 'all' for STS12-16, test split for
 STS-B and SICK-R), ``eval/<task>/<subset>`` the per-sub-dataset scores, ``eval/sts_avg`` the 7-task average,
-``eval/stsb_dev`` the model-selection score, ``eval/uniformity`` and ``eval/isotropy`` the geometry.
+``eval/stsb_dev`` the model-selection score, ``eval/uniformity`` and ``eval/isotropy`` the geometry, and the ``ppl``
+suite's generative proxy ``eval/ppl_nli``, ``eval/logp_chosen``, ``eval/logp_rejected``, ``eval/logp_margin``
+(sempa_exp.perplexity, on held-out NLI triplets that ``EvalData.proxy`` holds), and the ``gar`` suite's global
+alignment rate ``eval/gar`` of the embeddings' LM-head aligned tokens (sempa_exp.token_alignment; skipped for encoders
+without an LM head).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sempa_exp import geometry, sts
+from sempa_exp import geometry, sts, token_alignment
 from sempa_exp.embedding import SentenceEncoder
+from sempa_exp.methods.base import lm_head_of
+from sempa_exp.perplexity import ProxySet, proxy_metrics
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +36,21 @@ class EvalData:
     tasks: dict[str, list[sts.StsSplit]] = field(default_factory=dict)
     stsb_dev: sts.StsSplit | None = None
     geometry_sentences: list[str] = field(default_factory=list)
+    proxy: ProxySet | None = None  # the ppl suite's held-out NLI triplets (set by the caller, which has them)
+    gar_sentences: list[str] = field(default_factory=list)  # token_alignment.GAR_SAMPLE_DOC
+    gar_top_k: int = 10
+    gar_match: str = "text"
 
 
-def load_eval_data(data_dir: Path, suites: Iterable[str], geometry_sample: int = 2000) -> EvalData:
+def load_eval_data(data_dir: Path, suites: Iterable[str], geometry_sample: int = 2000, gar_sample: int = 10000,
+                   gar_top_k: int = 10, gar_match: str = "text") -> EvalData:
     """Reads what the suites need; a missing or malformed file fails here, before any model is loaded."""
     suites = set(suites)
-    data = EvalData()
-    if "sts" in suites:
+    data = EvalData(gar_top_k=gar_top_k, gar_match=gar_match)
+    if suites & {"sts", "gar"}:
         data.tasks = {task: sts.load_task(data_dir, task) for task in sts.STS_TASKS}
+    if "gar" in suites:
+        data.gar_sentences = token_alignment.gar_sentences(data.tasks, gar_sample)
     if suites & {"stsb_dev", "geometry"}:
         data.stsb_dev = sts.load_stsb_dev(data_dir)
     if "geometry" in suites:
@@ -56,6 +69,8 @@ def sentences_needed(data: EvalData, suites: Iterable[str]) -> list[str]:
         out += data.stsb_dev.sentences
     if "geometry" in suites:
         out += data.geometry_sentences
+    if "gar" in suites:
+        out += data.gar_sentences
     return list(dict.fromkeys(out))
 
 
@@ -79,6 +94,19 @@ def evaluate(encoder: SentenceEncoder, data: EvalData, suites: Iterable[str]) ->
         emb = encoder.encode(data.geometry_sentences)
         metrics["eval/uniformity"] = geometry.uniformity(emb)
         metrics["eval/isotropy"] = geometry.isotropy(emb)
+    if "ppl" in suites:
+        if data.proxy is None:
+            raise ValueError("the ppl suite needs EvalData.proxy: the held-out NLI triplets")
+        scores = proxy_metrics(encoder.model, encoder.tokenizer, data.proxy, encoder.batch_size)
+        metrics.update({f"eval/{k}": v for k, v in scores.items()})
+    if "gar" in suites:
+        lm_head = lm_head_of(encoder.model) if encoder.method.has_lm_head else None
+        if lm_head is None:
+            log.info("gar skipped: the embeddings of %s are not in an LM's hidden space", type(encoder.method).__name__)
+        else:
+            metrics["eval/gar"] = token_alignment.gar_score(
+                encoder.encode(data.gar_sentences), data.gar_sentences, lm_head, encoder.tokenizer,
+                data.gar_top_k, data.gar_match)
     return metrics
 
 
@@ -105,7 +133,9 @@ class EmbeddingCache:
     def save_from(self, encoder: SentenceEncoder) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         sentences = list(encoder.memo)
-        tmp_s, tmp_v = self.folder / "sentences.json.tmp", self.folder / "vectors.tmp.npy"
+        # Per-process temporary names: the runs of a sweep (on several nodes) share this cache and may save it at once.
+        writer = f"{os.uname().nodename}.{os.getpid()}"
+        tmp_s, tmp_v = self.folder / f"sentences.{writer}.tmp.json", self.folder / f"vectors.{writer}.tmp.npy"
         tmp_s.write_text(json.dumps(sentences))
         np.save(tmp_v, np.stack([encoder.memo[s] for s in sentences]))
         (self.folder / "key.json").write_text(json.dumps(self.key_parts, indent=1, sort_keys=True))

@@ -6,7 +6,7 @@ import csv
 import gzip
 import io
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,13 +43,26 @@ class CleaningReport:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
+    raw = gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")  # noqa: SIM115 - the caller closes it
     # surrogateescape keeps undecodable bytes visible so the row can be skipped instead of aborting the file
     return io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
 
 
 def _has_bad_bytes(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _parsed_rows(reader: csv.DictReader, report: CleaningReport, path: Path) -> Iterator[dict]:
+    """The reader's rows; a row the csv module cannot parse (e.g. a field beyond its size limit) is skipped."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            report.rows_read += 1
+            report.skip("malformed CSV row")
+            log.warning("%s: skipping a malformed CSV row near line %d (%s)", path, reader.line_num, exc)
 
 
 def read_triplets(path: Path, max_chars: int) -> tuple[list[Triplet], CleaningReport]:
@@ -65,7 +78,7 @@ def read_triplets(path: Path, max_chars: int) -> tuple[list[Triplet], CleaningRe
         if missing:
             raise ConfigError(f"{path}: header lacks column(s) {missing}; expected {list(COLUMNS)}, "
                               f"found {reader.fieldnames}")
-        for row in reader:
+        for row in _parsed_rows(reader, report, path):
             report.rows_read += 1
             fields = [row.get(c) for c in COLUMNS]
             if any(v is None or not v.strip() for v in fields):

@@ -24,7 +24,7 @@ def summary_table(results: dict) -> Table:
             continue
         fmt = "{:.4f}" if name in ("uniformity", "isotropy") else "{:.2f}"
         table.add_row(name, "-" if a is None else fmt.format(a), "-" if b is None else fmt.format(b),
-                      "-" if a is None or b is None else ("{:+.4f}" if "{:.4f}" == fmt else "{:+.2f}").format(b - a))
+                      "-" if a is None or b is None else ("{:+.4f}" if fmt == "{:.4f}" else "{:+.2f}").format(b - a))
     return table
 
 

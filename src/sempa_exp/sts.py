@@ -8,6 +8,7 @@ split. STS-B dev is the model-selection score.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +46,14 @@ def read_split(path: Path, task: str) -> StsSplit:
     if not path.exists():
         raise ConfigError(f"STS file not found: {path}")
     s1, s2, scores = [], [], []
-    with path.open(encoding="utf-8", newline="\n") as f:
+    # surrogateescape: an undecodable byte becomes an error naming its line instead of a bare UnicodeDecodeError
+    with path.open(encoding="utf-8", errors="surrogateescape", newline="\n") as f:
         header = f.readline().rstrip("\n")
         if header.split("\t") != ["sentence1", "sentence2", "score"]:
             raise StsFormatError(f"{path}:1: expected header 'sentence1<TAB>sentence2<TAB>score', got {header!r}")
         for lineno, line in enumerate(f, start=2):
+            if any("\udc80" <= ch <= "\udcff" for ch in line):
+                raise StsFormatError(f"{path}:{lineno}: not valid UTF-8")
             parts = line.rstrip("\n").split("\t")
             if len(parts) != 3:
                 raise StsFormatError(f"{path}:{lineno}: expected 3 tab-separated fields, got {len(parts)}")
@@ -57,6 +61,8 @@ def read_split(path: Path, task: str) -> StsSplit:
                 score = float(parts[2])
             except ValueError:
                 raise StsFormatError(f"{path}:{lineno}: score {parts[2]!r} is not a number") from None
+            if not math.isfinite(score):
+                raise StsFormatError(f"{path}:{lineno}: score {parts[2]!r} is not a finite number")
             if not parts[0] or not parts[1]:
                 raise StsFormatError(f"{path}:{lineno}: empty sentence")
             s1.append(parts[0])
@@ -104,6 +110,6 @@ def split_similarities(split: StsSplit, lookup: Callable[[Sequence[str]], np.nda
 def score_task(splits: Sequence[StsSplit], lookup: Embed) -> dict[str, float]:
     """Per-split Spearman and, for multi-split tasks, the pooled ('all') Spearman, which is the task's score."""
     sims = [split_similarities(s, lookup) for s in splits]
-    result = {s.name: spearman100(p, s.scores) for s, p in zip(splits, sims)}
+    result = {s.name: spearman100(p, s.scores) for s, p in zip(splits, sims, strict=True)}
     result["all"] = spearman100(np.concatenate(sims), np.concatenate([s.scores for s in splits]))
     return result

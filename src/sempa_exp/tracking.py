@@ -8,6 +8,7 @@ dropped by W&B instead of duplicated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -76,6 +77,20 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def init_wandb_run(cfg: LoggerConfig, mode: str, *, run_id: str, group: str, name: str, config: dict,
+                   run_dir: Path) -> Any:
+    """The W&B run of a run directory (also used by sync_wandb): a deterministic id, resumed if it exists."""
+    import wandb
+
+    run = wandb.init(
+        project=cfg.project, entity=cfg.entity, group=group, name=f"{group}/{name}", id=run_id,
+        resume="allow", config=config, tags=list(cfg.tags), mode=mode, dir=str(run_dir),
+        settings=wandb.Settings(init_timeout=120, console="off", silent=True))
+    run.define_metric("samples_seen")
+    run.define_metric("*", step_metric="samples_seen", step_sync=True)
+    return run
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, cfg: LoggerConfig, *, run_id: str, group: str, name: str,
                  config: dict, enabled: bool = True) -> None:
@@ -91,14 +106,8 @@ class RunLogger:
         if mode == "disabled":
             return
         try:
-            import wandb
-
-            self.wandb = wandb.init(
-                project=cfg.project, entity=cfg.entity, group=group, name=f"{group}/{name}", id=run_id,
-                resume="allow", config=config, tags=list(cfg.tags), mode=mode, dir=str(self.run_dir),
-                settings=wandb.Settings(init_timeout=120, console="off", silent=True))
-            self.wandb.define_metric("samples_seen")
-            self.wandb.define_metric("*", step_metric="samples_seen", step_sync=True)
+            self.wandb = init_wandb_run(cfg, mode, run_id=run_id, group=group, name=name, config=config,
+                                        run_dir=self.run_dir)
         except Exception as exc:  # W&B is never a reason to lose a run
             log.warning("W&B could not start (%s); metrics stay in %s and can be synced later", exc, self.path)
             self.wandb = None
@@ -127,10 +136,8 @@ class RunLogger:
 
     def _drop_wandb(self) -> None:
         run, self.wandb = self.wandb, None
-        try:
+        with contextlib.suppress(Exception):
             run.finish(exit_code=1)
-        except Exception:
-            pass
 
     def finish(self, exit_code: int = 0) -> None:
         if self.wandb is not None:

@@ -9,6 +9,7 @@ checkpoint every ``trainer.checkpoint_every_samples`` samples, evaluate each che
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -21,8 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from sempa_exp import nli, rundir
 from sempa_exp.backbones import backbone_fingerprint, load_backbone
+from sempa_exp.distributed import export_from_submitit
 from sempa_exp.embedding import SentenceEncoder
 from sempa_exp.evaluation import GEOMETRY_SAMPLE_DOC, EmbeddingCache, EvalData, evaluate, load_eval_data
+from sempa_exp.launcher import register_launcher_configs
+from sempa_exp.perplexity import build_proxy_set
 from sempa_exp.reporting import print_summary
 from sempa_exp.schema import Config, ConfigError, data_dir, register_configs, validate, validate_against_data
 from sempa_exp.tracking import RunLogger, read_metrics, rewind_metrics
@@ -71,10 +75,15 @@ def prepare(cfg: DictConfig) -> Prepared:
         raise ConfigError(f"paths.data_dir does not exist: {root}")
     data_file = nli.resolve_source(config.data, root)
     triplets, cleaning = nli.read_triplets(data_file, config.data.max_sentence_chars)
+    log.info("data: %s", cleaning.summary())  # before the size check, so a too-small remainder is explained
     size = validate_against_data(config, len(triplets), world_size)
     chosen = nli.subset(triplets, size, config.data.subset_seed)
     suites = set(config.eval.at_start) | set(config.eval.at_checkpoint) | set(config.eval.at_end)
-    eval_data = load_eval_data(root, suites, config.eval.geometry_sample)
+    e = config.eval
+    eval_data = load_eval_data(root, suites, e.geometry_sample, e.gar_sample, e.gar_top_k, e.gar_match)
+    if "ppl" in suites or (config.gen.at_end and config.gen.proxy):
+        eval_data.proxy = build_proxy_set(triplets, config.eval.ppl_sample, config.data.subset_seed,
+                                          config.template.text, config.data.system_prompt, train_size=size)
     run_dir = rundir.run_dir_for(config.paths.runs_dir, config.run.group, resolve_run_name(cfg))
     return Prepared(config, chosen, cleaning, data_file, eval_data, run_dir, world_size, rank)
 
@@ -139,9 +148,13 @@ class Run:
         return metrics
 
     def execute(self) -> dict:
-        from datasets import Dataset
-
-        from sempa_exp.training import CheckpointEvalCallback, MetricsCallback, build_trainer, samples_per_step
+        from sempa_exp.training import (
+            CheckpointEvalCallback,
+            MetricsCallback,
+            build_trainer,
+            samples_per_step,
+            train_dataset,
+        )
 
         cfg, prep = self.cfg, self.prep
         run_dir = prep.run_dir
@@ -159,7 +172,8 @@ class Run:
                 for row in read_metrics(run_dir):
                     self.evaluated.setdefault(row["step"], set()).update(
                         s for s, key in (("sts", "eval/sts_avg"), ("stsb_dev", "eval/stsb_dev"),
-                                         ("geometry", "eval/uniformity")) if key in row)
+                                         ("geometry", "eval/uniformity"), ("ppl", "eval/ppl_nli"),
+                                         ("gar", "eval/gar")) if key in row)
         self.run_logger = RunLogger(
             run_dir, cfg.logger, run_id=rundir.run_id_for(run_dir), group=cfg.run.group, name=run_dir.name,
             config=self.resolved, enabled=self.is_main)
@@ -169,7 +183,7 @@ class Run:
                 torch.set_num_threads(cfg.run.num_threads)
             model, self.tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir)
             model.to(self.device)
-            dataset = Dataset.from_list(nli.dpo_records(prep.triplets, cfg.template.text, cfg.data.system_prompt))
+            dataset = train_dataset(cfg, prep.triplets)
             callbacks = [MetricsCallback(self.run_logger, self.samples_per_step),
                          CheckpointEvalCallback(lambda step: self.evaluate_step(step, cfg.eval.at_checkpoint))]
             self.trainer = build_trainer(cfg, model, self.tokenizer, dataset, checkpoints, callbacks,
@@ -188,10 +202,26 @@ class Run:
                 self.evaluate_step(final_step, cfg.eval.at_end)
                 results = self.write_results(final_step, time.time() - started)
                 self.run_logger.summary({k: v for k, v in results["final"].items()})
+                if cfg.gen.at_end:
+                    self.evaluate_generation(final_step)
             exit_code = 0
             return results
         finally:
             self.run_logger.finish(exit_code)
+
+    def evaluate_generation(self, final_step: int) -> None:
+        """gen.at_end: lm-eval benchmarks + perplexity proxy on the trained policy (PEFT, not merged)."""
+        from sempa_exp.generation import evaluate_generation, flat_metrics, store_generation
+
+        cfg = self.cfg
+        info = {"backbone": cfg.backbone.name, "adapter": str(self.prep.run_dir / "adapter"), "merged": False,
+                "step": final_step}
+        record = evaluate_generation(self.trainer.model, self.tokenizer, cfg.gen, data_dir(cfg),
+                                     self.prep.eval_data.proxy if cfg.gen.proxy else None, info)
+        store_generation(self.prep.run_dir, "final", record)
+        metrics = flat_metrics(record)
+        self.run_logger.log(metrics, step=final_step, samples_seen=final_step * self.samples_per_step)
+        self.run_logger.summary(metrics)
 
     def write_results(self, final_step: int, train_seconds: float) -> dict:
         prep, cfg = self.prep, self.cfg
@@ -203,7 +233,9 @@ class Run:
                 evaluations.setdefault(row["step"], {"step": row["step"], "samples_seen": row["samples_seen"]})
                 evaluations[row["step"]].update(scores)
         history = [evaluations[s] for s in sorted(evaluations)]
-        with_dev = [e for e in history if "eval/stsb_dev" in e]
+        # a degenerate model scores NaN (stored as the string "nan"): never the best, never a crash here
+        with_dev = [e for e in history if isinstance(e.get("eval/stsb_dev"), (int, float))
+                    and math.isfinite(e["eval/stsb_dev"])]
         best = max(with_dev, key=lambda e: e["eval/stsb_dev"], default=None)
         results = {
             "status": "finished",
@@ -238,13 +270,12 @@ class Run:
 def run(cfg: DictConfig) -> dict:
     prep = prepare(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    log.info("data: %s", prep.cleaning.summary())
+    check_same_experiment(prep.run_dir, resolved)  # before the skip: a finished run of another config is no answer
     if prep.config.run.skip_finished and rundir.is_finished(prep.run_dir):
         results = rundir.read_results(prep.run_dir)
         log.info("already finished, skipped: %s", prep.run_dir)
         print(f"[sempa-exp] already finished, skipped: {prep.run_dir}")
         return results
-    check_same_experiment(prep.run_dir, resolved)
     results = Run(prep, resolved).execute()
     if results:
         print_summary(results)
@@ -252,13 +283,19 @@ def run(cfg: DictConfig) -> dict:
 
 
 register_configs()
+register_launcher_configs()
+
+
+def sweep_objective(results: dict | None) -> float | None:
+    """The value a run returns to Hydra's sweeper: the final STS average, else STS-B dev."""
+    final = (results or {}).get("final", {})
+    return final.get("eval/sts_avg", final.get("eval/stsb_dev"))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    results = run(cfg)
-    final = (results or {}).get("final", {})
-    return final.get("eval/sts_avg", final.get("eval/stsb_dev"))
+    export_from_submitit()  # one process per GPU under SLURM: before anything reads RANK/WORLD_SIZE
+    return sweep_objective(run(cfg))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""LoRA-DPO with TRL: trainer construction and the callbacks that log metrics and evaluate every checkpoint."""
+"""LoRA-DPO with TRL (or the contrastive foil, sempa_exp.contrastive): trainer construction and the callbacks that log
+metrics and evaluate every checkpoint."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ from pathlib import Path
 
 from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-from trl import DPOConfig, DPOTrainer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from trl import DPOConfig
 
+from sempa_exp import nli
 from sempa_exp.schema import Config, checkpoint_every_steps, global_batch_size
 from sempa_exp.tracking import RunLogger
 
 log = logging.getLogger(__name__)
+
+
+DDP_TIMEOUT_S = 3 * 3600
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,14 +58,19 @@ def dpo_args(cfg: Config, output_dir: Path, world_size: int, use_cpu: bool) -> D
         save_only_model=False,  # optimizer, scheduler and RNG states are what a resume needs
         logging_steps=t.log_every_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # HF would log a NaN/inf loss as the running mean; MetricsCallback must see it
         report_to="none",
         gradient_checkpointing=t.gradient_checkpointing,
         disable_dropout=t.disable_dropout,
+        precompute_ref_log_probs=t.precompute_ref_logps,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         use_cpu=use_cpu,
         dataloader_num_workers=0,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
         ddp_backend="gloo" if use_cpu and world_size > 1 else None,
+        # Rank 0 evaluates each checkpoint while the other ranks wait in the next collective (HF default: 30 min).
+        ddp_timeout=DDP_TIMEOUT_S,
     )
 
 
@@ -95,11 +105,38 @@ class CheckpointEvalCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.evaluate_step(state.global_step)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Resumed (the checkpoint's weights and state are loaded by now): a kill between saving the checkpoint and
+        # evaluating it left no scores for it; evaluate_step only runs the suites that step lacks.
+        if state.global_step > 0 and state.is_world_process_zero:
+            self.evaluate_step(state.global_step)
+
+
+def train_dataset(cfg: Config, triplets: list[nli.Triplet]) -> Dataset:
+    """DPO: conversational preference records; contrastive: the raw (anchor, positive, negative) sentences."""
+    if cfg.trainer.method == "contrastive":
+        from sempa_exp.contrastive import contrastive_records
+
+        return Dataset.from_list(contrastive_records(triplets))
+    return Dataset.from_list(nli.dpo_records(triplets, cfg.template.text, cfg.data.system_prompt))
+
 
 def build_trainer(cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: Dataset,
-                  output_dir: Path, callbacks: list[TrainerCallback], world_size: int, use_cpu: bool) -> DPOTrainer:
-    """The reference policy is the backbone with the adapter disabled (TRL's PEFT path: no second model copy)."""
-    return DPOTrainer(
+                  output_dir: Path, callbacks: list[TrainerCallback], world_size: int, use_cpu: bool) -> Trainer:
+    """DPO: the reference policy is the backbone with the adapter disabled (TRL's PEFT path: no second model copy).
+    Contrastive: the InfoNCE foil of sempa_exp.contrastive, same LoRA and recipe."""
+    if cfg.trainer.method == "contrastive":
+        from sempa_exp.contrastive import build_contrastive_trainer
+
+        return build_contrastive_trainer(cfg, model, tokenizer, dataset, output_dir, callbacks, world_size, use_cpu,
+                                         peft_config(cfg))
+    from sempa_exp.fast_dpo import SempaDPOTrainer, prepared_data_cache
+
+    t = cfg.trainer
+    return SempaDPOTrainer(
+        completion_only_logits=t.completion_only_logits,
+        data_cache=prepared_data_cache(cfg, tokenizer, use_cpu) if t.cache_prepared_data else None,
+        add_length_column=t.group_by_length,
         model=model,
         ref_model=None,
         args=dpo_args(cfg, output_dir, world_size, use_cpu),

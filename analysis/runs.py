@@ -1,0 +1,227 @@
+"""Runs as the report sees them: one RunRecord per run directory.
+
+A finished run is read from its ``results.json``; an unfinished one (no results.json, or a status other than
+"finished") from ``config.json`` + ``metrics.jsonl``, so a killed or still-running run is shown, marked unfinished.
+A source path may be a results.json file, a run directory, a sweep directory (``<runs_dir>/<group>``) or a whole
+runs directory; Hydra's ``.hydra`` folders, checkpoints and adapters are never mistaken for runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sempa_exp.rundir import RESULTS_FILE
+from sempa_exp.sts import SHORT_NAMES
+from sempa_exp.tracking import METRICS_FILE, read_metrics
+
+log = logging.getLogger(__name__)
+
+STS_TASKS: tuple[str, ...] = tuple(SHORT_NAMES.values())  # sts12 .. sickr, the order of the paper's table
+STS_AVG = "sts_avg"
+RUN_MARKERS = (RESULTS_FILE, METRICS_FILE, "config.json")
+NOT_RUNS = {"checkpoints", "adapter", "wandb", "report", "reports"}
+
+# Method keys of the report, in the paper's row order, with their display names.
+METHOD_LABELS = {
+    "mean_pooling": "Mean pooling",
+    "echo": "Echo embedding",
+    "prompteol": "PromptEOL",
+    "pretended_cot": "Pretended CoT",
+    "contrastive_prompting": "Contrastive Prompting",
+    "token_prepending": "Token Prepending",
+    "sempa": "SemPA",
+    "contrastive": "Contrastive fine-tuning (foil)",
+    "sbert": "SBERT encoder",
+}
+METHOD_ALIASES = {
+    "dpo": "sempa",  # trainer.method of a SemPA training run
+    "mean": "mean_pooling",
+    "meanpooling": "mean_pooling",
+    "echo_embedding": "echo",
+    "echo_embeddings": "echo",
+    "cp": "contrastive_prompting",
+    "tp": "token_prepending",
+    "prompt_eol": "prompteol",
+}
+EMBED_LABELS = {"prompteol": "PromptEOL", "pretended_cot": "Pretended CoT", "mean": "Mean pooling"}
+
+
+class SourceError(ValueError):
+    """A report source that does not exist or holds no runs."""
+
+
+def method_key(raw: str | None) -> str:
+    key = (raw or "unknown").strip().lower().replace("-", "_").replace(" ", "_")
+    return METHOD_ALIASES.get(key, key)
+
+
+def method_of_results(results: dict) -> str:
+    """The method key of a results.json; an evaluated checkpoint is the method it was trained with (SemPA = dpo)."""
+    method = method_key(results.get("method"))
+    if method == "checkpoint":
+        trained_with = (results.get("method_info") or {}).get("trained_with")
+        return method_key(trained_with) if trained_with else method
+    return method
+
+
+def method_label(key: str) -> str:
+    return METHOD_LABELS.get(key, key)
+
+
+def metric_key(name: str) -> str:
+    return name if name.startswith("eval/") else f"eval/{name}"
+
+
+@dataclass
+class RunRecord:
+    group: str
+    name: str
+    status: str  # "finished", or why not: "unfinished", "crashed", "running" ...
+    method: str  # a METHOD_LABELS key (or the raw name of a method the report does not know)
+    kind: str = "training"  # or "evaluation" (python -m sempa_exp.evaluate: one evaluation, no training)
+    backbone: str | None = None
+    template: str | None = None
+    embed: str | None = None
+    data_size: int | None = None
+    samples_seen: int | None = None
+    final_step: int | None = None
+    start: dict[str, Any] = field(default_factory=dict)
+    final: dict[str, Any] = field(default_factory=dict)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    train_rows: list[dict[str, Any]] = field(default_factory=list)
+    run_dir: Path | None = None
+    origin: str = ""  # where it was read from: a local path or a W&B run path
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.group}/{self.name}"
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    @property
+    def is_training(self) -> bool:
+        return self.kind == "training"
+
+    @property
+    def is_sempa_training(self) -> bool:
+        return self.kind == "training" and self.method == "sempa"
+
+    def value(self, stage: str, name: str) -> float | None:
+        """A metric of the run at ``stage`` ('start' = step 0, 'final'); None when that evaluation is missing."""
+        value = getattr(self, stage).get(metric_key(name))
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def series(self, name: str, *, include_start: bool = True) -> list[tuple[int, float]]:
+        """(samples_seen, value) of every evaluation that has the metric, in training order."""
+        key = metric_key(name)
+        points = [(int(e["samples_seen"]), float(e[key])) for e in self.evaluations
+                  if isinstance(e.get(key), (int, float)) and (include_start or e.get("step", 0) > 0)]
+        return sorted(points)
+
+
+def _cfg_name(config: dict, section: str) -> str | None:
+    value = config.get(section)
+    return value.get("name") if isinstance(value, dict) else None
+
+
+def evaluations_from_rows(rows: Iterable[dict]) -> list[dict]:
+    """Evaluation records grouped by step, as ``train.write_results`` does for a finished run."""
+    by_step: dict[int, dict] = {}
+    for row in rows:
+        scores = {k: v for k, v in row.items() if k.startswith("eval/")}
+        if scores and "step" in row:
+            entry = by_step.setdefault(row["step"], {"step": row["step"], "samples_seen": row.get("samples_seen", 0)})
+            entry.update(scores)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def train_rows_from(rows: Iterable[dict]) -> list[dict]:
+    return [r for r in rows if any(k.startswith("train/") for k in r)]
+
+
+def load_run(run_dir: Path) -> RunRecord:
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    results = _read_json(run_dir / RESULTS_FILE)
+    if results is not None:
+        config = results.get("config") or {}
+        return RunRecord(
+            group=results.get("group") or run_dir.parent.name, name=results.get("name") or run_dir.name,
+            status=results.get("status") or "unfinished", method=method_of_results(results),
+            kind="evaluation" if results.get("kind") == "evaluation" else "training",
+            backbone=results.get("backbone"), template=results.get("template"), embed=results.get("embed"),
+            data_size=results.get("data_size"), samples_seen=results.get("samples_seen"),
+            final_step=results.get("final_step"), start=results.get("start") or {},
+            final=(results.get("final") or {}) if results.get("status") == "finished" else {},
+            evaluations=results.get("evaluations") or evaluations_from_rows(rows), train_rows=train_rows_from(rows),
+            run_dir=run_dir, origin=str(run_dir), config=config)
+    config = _read_json(run_dir / "config.json") or {}
+    evaluations = evaluations_from_rows(rows)
+    last = max((r for r in rows if "step" in r), key=lambda r: r["step"], default=None)
+    evaluated = config.get("method") if isinstance(config.get("method"), dict) else None
+    method = method_key(evaluated["name"] if evaluated else (config.get("trainer") or {}).get("method"))
+    return RunRecord(
+        group=(config.get("run") or {}).get("group") or run_dir.parent.name, name=run_dir.name, status="unfinished",
+        method=method, kind="evaluation" if evaluated else "training",
+        backbone=_cfg_name(config, "backbone"), template=_cfg_name(config, "template"),
+        embed=_cfg_name(config, "embed"), data_size=(config.get("data") or {}).get("size"),
+        samples_seen=last.get("samples_seen") if last else None, final_step=last.get("step") if last else None,
+        start=next((e for e in evaluations if e["step"] == 0), {}), final={}, evaluations=evaluations,
+        train_rows=train_rows_from(rows), run_dir=run_dir, origin=str(run_dir), config=config)
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        log.warning("%s is not valid JSON (%s); the run is read from its metrics instead", path, exc)
+        return None
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
+
+
+def find_run_dirs(path: Path, depth: int = 2) -> list[Path]:
+    """Run directories at or below ``path`` (a run dir, a sweep dir, or a runs dir: up to two levels down)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        if path.name != RESULTS_FILE:
+            raise SourceError(f"{path}: a file source must be a {RESULTS_FILE}")
+        return [path.parent]
+    if not path.is_dir():
+        raise SourceError(f"{path} does not exist")
+    if is_run_dir(path):
+        return [path]
+    if depth == 0:
+        return []
+    found = []
+    for child in sorted(path.iterdir()):
+        if child.is_dir() and not child.name.startswith(".") and child.name not in NOT_RUNS:
+            found += find_run_dirs(child, depth - 1)
+    return found
+
+
+def collect_local(sources: Iterable[str | Path]) -> list[RunRecord]:
+    """Every run under the given paths, each once; a path without any run is an error naming it."""
+    seen: dict[Path, RunRecord] = {}
+    for source in sources:
+        dirs = find_run_dirs(Path(source))
+        if not dirs:
+            raise SourceError(f"{source}: no run directories found (looked for {', '.join(RUN_MARKERS)} up to two "
+                              f"levels down)")
+        for run_dir in dirs:
+            resolved = run_dir.resolve()
+            if resolved not in seen:
+                seen[resolved] = load_run(run_dir)
+    return list(seen.values())

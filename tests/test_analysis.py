@@ -1,0 +1,313 @@
+"""analysis.report on a fixture sweep of real tiny-backbone runs (training runs and method evaluations): files,
+plotted series and table values are checked against the runs' own results.json / metrics.jsonl / pca.json /
+aligned_tokens.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from analysis import report as report_cli
+from analysis.artifacts import aligned_tokens, pca_panels
+from analysis.figures import pca_figure
+from analysis.paper import load_paper_sts
+from analysis.runs import STS_AVG, STS_TASKS, collect_local, load_run
+from analysis.tables import aligned_tokens_table
+from analysis.wandb_source import record_from_wandb
+from conftest import TINY_OVERRIDES, compose_config
+from sempa_exp import evaluate, train
+from sempa_exp.schema import register_configs
+from sempa_exp.tracking import read_metrics
+from sempa_exp.train import CONF_DIR
+
+DATA_GROUP, TEMPLATE_GROUP, EVAL_GROUP = "ds", "tpl", "ev"
+TINY_EVAL = ["backbone=tiny", "eval.dtype=float32", "eval.geometry_sample=40", "eval.gar_sample=60",
+             "eval.pca_fraction=0.05", "logger=none"]
+COLUMN = {"stsb": "STS-B", "sickr": "SICK-R", STS_AVG: "Avg"}
+
+
+def _train(runs_dir: Path, cache: Path, data_root: Path, group: str, name: str, *overrides: str) -> dict:
+    cfg = compose_config([*TINY_OVERRIDES, f"paths.runs_dir={runs_dir}", f"paths.cache_dir={cache}",
+                          f"run.group={group}", f"run.name={name}", *overrides], data_root)
+    return train.run(cfg)
+
+
+def _evaluate(runs_dir: Path, cache: Path, data_root: Path, name: str, *overrides: str) -> dict:
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            *TINY_EVAL, f"paths.runs_dir={runs_dir}", f"paths.cache_dir={cache}", f"paths.data_dir={data_root}",
+            f"run.group={EVAL_GROUP}", f"run.name={name}", *overrides])
+    return evaluate.run(cfg)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, data_root):
+    """Data-size sweep: 32 and 48 triplets, and 40 without checkpoint evaluations and without final STS (missing
+    evaluations); a killed copy (no results.json); template sweep: p1/PromptEOL and p2/Pretended CoT; method
+    evaluations (python -m sempa_exp.evaluate): PromptEOL, and the 48-triplet run's adapter (SemPA, trained)."""
+    root = tmp_path_factory.mktemp("sweep")
+    runs_dir, cache = root / "runs", root / "cache"
+    results = {
+        "size32": _train(runs_dir, cache, data_root, DATA_GROUP, "size32", "data.size=32"),
+        "size48": _train(runs_dir, cache, data_root, DATA_GROUP, "size48", "data.size=48"),
+        "size40": _train(runs_dir, cache, data_root, DATA_GROUP, "size40", "data.size=40", "eval.at_checkpoint=[]",
+                         "eval.at_end=[stsb_dev]"),
+        "p1": _train(runs_dir, cache, data_root, TEMPLATE_GROUP, "p1", "data.size=16", "eval.at_checkpoint=[]"),
+        "p2": _train(runs_dir, cache, data_root, TEMPLATE_GROUP, "p2", "data.size=16", "eval.at_checkpoint=[]",
+                     "template=p2", "embed=pretended_cot"),
+    }
+    results["eval_prompteol"] = _evaluate(runs_dir, cache, data_root, "prompteol", "method=prompteol")
+    results["eval_sempa"] = _evaluate(runs_dir, cache, data_root, "sempa", "method=checkpoint",
+                                      f"method.path={runs_dir / DATA_GROUP / 'size48'}")
+    killed = runs_dir / DATA_GROUP / "killed"
+    shutil.copytree(runs_dir / DATA_GROUP / "size32", killed, ignore=shutil.ignore_patterns("checkpoints", "adapter"))
+    (killed / "results.json").unlink()
+    sources = [str(runs_dir / g) for g in (DATA_GROUP, TEMPLATE_GROUP, EVAL_GROUP)]
+    full = report_cli.run([*sources, "--out", str(root / "report")])
+    # without the method evaluations every table falls back on the training runs
+    training_only = report_cli.build_report(collect_local(sources[:2]), root / "report_training_only")
+    return SimpleNamespace(runs_dir=runs_dir, results=results, full=full, training_only=training_only)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def num(text: str) -> float | None:
+    return float(text) if text not in ("", None) else None
+
+
+def same_points(actual, expected) -> bool:
+    actual, expected = np.asarray(list(actual), dtype=float), np.asarray(list(expected), dtype=float)
+    return actual.shape == expected.shape and bool(np.allclose(actual, expected))
+
+
+def label(results: dict) -> str:
+    return f"{results['group']}/{results['name']}"
+
+
+def test_report_folder_has_page_tables_and_figures(sweep):
+    out = sweep.full.out
+    for name in ("index.html", "index.md", "dashboard.md"):
+        assert (out / name).stat().st_size > 0
+    for table in ("runs", "main_sts", "gain", "templates", "geometry", "gar", "aligned_tokens"):
+        assert (out / "tables" / f"{table}.csv").exists() and (out / "tables" / f"{table}.md").exists()
+    for figure in ("data_size", "training_curves", "pca"):
+        for ext in ("png", "pdf", "csv"):
+            assert (out / "figures" / f"{figure}.{ext}").stat().st_size > 0
+    page = (out / "index.md").read_text()
+    assert "figures/data_size.png" in page and "no PCA data for Mean pooling" in page
+    html = (out / "index.html").read_text()
+    assert '<img src="figures/training_curves.png"' in html and 'class="missing"' in html
+    # no PCA data without the method evaluations: shown as missing, nothing drawn
+    other = sweep.training_only.out
+    assert not (other / "figures" / "pca.png").exists() and "**missing**" in (other / "index.md").read_text()
+
+
+def test_main_table_values_come_from_results_files(sweep):
+    rows = read_csv(sweep.full.out / "tables" / "main_sts.csv")
+    by_source = {r["source"]: r for r in rows}
+    for key, results in sweep.results.items():
+        row = by_source[f"run {label(results)}"]
+        for task in (*STS_TASKS, STS_AVG):
+            expected = results["final"].get(f"eval/{task}")
+            if key == "size40":
+                assert expected is None and row[COLUMN.get(task, task.upper())] == ""  # not evaluated: missing
+            else:
+                assert num(row[COLUMN.get(task, task.upper())]) == pytest.approx(expected, abs=1e-9)
+    assert by_source[f"run {label(sweep.results['eval_sempa'])}"]["method"] == "SemPA"  # the evaluated adapter
+    assert by_source[f"run {label(sweep.results['eval_prompteol'])}"]["method"] == "PromptEOL"
+    # an untrained baseline without an evaluation run of its own is step 0 of a training run
+    untrained = [r for r in rows if r["method"].endswith("(untrained)")]
+    assert [r["method"] for r in untrained] == ["Pretended CoT (untrained)"]
+    assert untrained[0]["source"] == f"step 0 of run {label(sweep.results['p2'])}"
+    assert num(untrained[0]["Avg"]) == pytest.approx(sweep.results["p2"]["start"]["eval/sts_avg"])
+    assert by_source[f"run {DATA_GROUP}/killed (unfinished)"]["Avg"] == ""
+    paper = {(r["backbone"], r["method"]): r for r in rows if r["source"] == "paper, Table 3"}
+    assert num(paper[("llama2_7b", "SemPA")]["Avg"]) == 77.69 and num(paper[("llama3_8b", "PromptEOL")]["Avg"]) == 71.9
+    assert "| missing |" in (sweep.full.out / "tables" / "main_sts.md").read_text()
+    # without the PromptEOL evaluation, its row is step 0 of the first finished PromptEOL training run
+    rows = read_csv(sweep.training_only.out / "tables" / "main_sts.csv")
+    row = next(r for r in rows if r["method"] == "PromptEOL (untrained)")
+    assert row["source"] == f"step 0 of run {DATA_GROUP}/size32"
+    assert num(row["Avg"]) == pytest.approx(sweep.results["size32"]["start"]["eval/sts_avg"])
+
+
+def test_gain_table_is_trained_minus_step_0(sweep):
+    rows = {r["run"]: r for r in read_csv(sweep.full.out / "tables" / "gain.csv")}
+    r48 = sweep.results["size48"]
+    row = rows[label(r48)]
+    assert num(row["gain"]) == pytest.approx(r48["final"]["eval/sts_avg"] - r48["start"]["eval/sts_avg"])
+    assert num(row["paper gain LLaMA2-7B"]) == pytest.approx(77.69 - 70.03)
+    assert row["paper SemPA avg (same backbone)"] == "not sourced"
+    assert label(sweep.results["eval_sempa"]) not in rows  # evaluation runs have no step 0 of their own
+
+
+def test_data_size_figure_plots_the_runs_final_values(sweep):
+    fig_result = sweep.full.figures["data_size"]
+    finished = [sweep.results[k] for k in ("size32", "size48", "size40")]
+    for panel, ax in zip(("stsb_dev", STS_AVG), fig_result.figure.axes, strict=True):
+        expected = sorted((r["samples_seen"], r["final"][f"eval/{panel}"]) for r in finished
+                          if f"eval/{panel}" in r["final"])
+        line = next(line for line in ax.get_lines() if line.get_label() == "tiny")
+        assert same_points(zip(line.get_xdata(), line.get_ydata(), strict=True), expected)
+        assert same_points(fig_result.points(panel, "tiny"), expected)
+        baselines = [line for line in ax.get_lines() if line.get_linestyle() == "--" and len(line.get_ydata()) == 2]
+        assert baselines[0].get_ydata()[0] == pytest.approx(finished[0]["start"][f"eval/{panel}"])
+    assert len(fig_result.points("stsb_dev", "tiny")) == 3
+    assert len(fig_result.points(STS_AVG, "tiny")) == 2  # size40 has no final STS
+    assert any("size40" in m for m in fig_result.missing)
+    # dotted: the checkpoints of the largest run (48 triplets), from its results.json evaluations
+    largest = sweep.results["size48"]
+    ckpt = [(e["samples_seen"], e["eval/stsb_dev"]) for e in largest["evaluations"] if e["step"] > 0]
+    assert len(ckpt) == 3 and same_points(fig_result.points("stsb_dev", "tiny checkpoints of size48"), ckpt)
+    sidecar = read_csv(sweep.full.out / "figures" / "data_size.csv")
+    plotted = [(num(r["x"]), num(r["y"])) for r in sidecar if r["panel"] == "stsb_dev" and r["series"] == "tiny"]
+    assert same_points(plotted, sorted((r["samples_seen"], r["final"]["eval/stsb_dev"]) for r in finished))
+    assert "separate runs" in fig_result.caption
+
+
+def test_training_curves_follow_metrics_jsonl(sweep):
+    result = sweep.full.figures["training_curves"]
+    run_dir = sweep.runs_dir / DATA_GROUP / "size48"
+    rows = [r for r in read_metrics(run_dir) if "train/loss" in r]
+    keys = ("train/loss", "train/rewards/margins", "train/rewards/accuracies")
+    for ax, key in zip(result.figure.axes[:3], keys, strict=True):
+        line = next(line for line in ax.get_lines() if line.get_label() == f"{DATA_GROUP}/size48")
+        assert list(line.get_ydata()) == pytest.approx([r[key] for r in rows])
+        assert list(line.get_xdata()) == [r["samples_seen"] for r in rows]
+    labels = {line.get_label() for line in result.figure.axes[0].get_lines()}
+    assert f"{DATA_GROUP}/killed (unfinished)" in labels  # an unfinished run still shows its curves
+    assert not any(EVAL_GROUP in name for name in labels)  # evaluation runs do not train
+
+
+def test_template_and_runs_tables(sweep):
+    templates = read_csv(sweep.full.out / "tables" / "templates.csv")
+    p1, p2 = sweep.results["p1"], sweep.results["p2"]
+    row_p1 = next(r for r in templates if r["template"] == "P1")
+    row_p2 = next(r for r in templates if r["template"] == "P2")
+    assert num(row_p1["PromptEOL avg"]) == pytest.approx(p1["final"]["eval/sts_avg"])
+    assert num(row_p1["PromptEOL delta"]) == pytest.approx(p1["final"]["eval/sts_avg"] - p1["start"]["eval/sts_avg"])
+    assert num(row_p2["Pretended CoT avg"]) == pytest.approx(p2["final"]["eval/sts_avg"])
+    assert row_p1["Pretended CoT avg"] == "" and row_p2["PromptEOL avg"] == ""  # not run: missing, not invented
+    assert {r["sweep"] for r in templates} == {TEMPLATE_GROUP}  # the data-size sweep does not vary templates
+
+    runs = {r["run"]: r for r in read_csv(sweep.full.out / "tables" / "runs.csv")}
+    assert runs[f"{DATA_GROUP}/killed"]["status"] == "unfinished"
+    assert "checkpoint evaluations" in runs[f"{DATA_GROUP}/size40"]["missing"]
+    assert "final STS" in runs[f"{DATA_GROUP}/size40"]["missing"]
+    assert runs[f"{DATA_GROUP}/size48"]["missing"] == "-"
+    assert runs[label(sweep.results["eval_sempa"])]["method"] == "SemPA (evaluation)"
+
+
+def test_geometry_and_gar_tables_use_the_best_source(sweep):
+    ev_p, ev_s, r32, r48 = (sweep.results[k] for k in ("eval_prompteol", "eval_sempa", "size32", "size48"))
+    full = read_csv(sweep.full.out / "tables" / "geometry.csv")[0]
+    assert num(full["PromptEOL uniformity"]) == pytest.approx(ev_p["final"]["eval/uniformity"])
+    assert num(full["SemPA isotropy"]) == pytest.approx(ev_s["final"]["eval/isotropy"])
+    assert full["Mean pooling uniformity"] == ""  # no mean-pooling evaluation in these runs
+    fallback = read_csv(sweep.training_only.out / "tables" / "geometry.csv")[0]
+    assert num(fallback["PromptEOL uniformity"]) == pytest.approx(r32["start"]["eval/uniformity"])
+    assert num(fallback["SemPA uniformity"]) == pytest.approx(r48["final"]["eval/uniformity"])
+    assert f"{DATA_GROUP}/size32 step 0" in fallback["sources"]
+
+    gar = read_csv(sweep.full.out / "tables" / "gar.csv")[0]
+    assert num(gar["GAR before training (PromptEOL)"]) == pytest.approx(ev_p["final"]["eval/gar"])
+    assert num(gar["GAR after training (SemPA)"]) == pytest.approx(ev_s["final"]["eval/gar"])
+    assert num(gar["delta"]) == pytest.approx(ev_s["final"]["eval/gar"] - ev_p["final"]["eval/gar"])
+    missing = read_csv(sweep.training_only.out / "tables" / "gar.csv")[0]
+    assert missing["GAR before training (PromptEOL)"] == "" and missing["GAR after training (SemPA)"] == ""
+
+
+def test_pca_figure_and_aligned_tokens_come_from_the_evaluations(sweep):
+    result = sweep.full.figures["pca"]
+    titles = [ax.get_title() for ax in result.figure.axes]
+    assert titles == ["PromptEOL", "SemPA"]
+    for ax, key in zip(result.figure.axes, ("eval_prompteol", "eval_sempa"), strict=True):
+        pca = json.loads((Path(sweep.results[key]["run_dir"]) / "pca.json").read_text())
+        for collection in ax.collections:
+            role = collection.get_label().removesuffix("s")
+            expected = [(p["x"], p["y"]) for p in pca["points"] if p["role"] == role]
+            assert expected and same_points(collection.get_offsets(), expected)
+    assert any("Mean pooling" in m for m in result.missing)
+
+    rows = read_csv(sweep.full.out / "tables" / "aligned_tokens.csv")
+    before = json.loads((Path(sweep.results["eval_prompteol"]["run_dir"]) / "aligned_tokens.json").read_text())
+    after = json.loads((Path(sweep.results["eval_sempa"]["run_dir"]) / "aligned_tokens.json").read_text())
+    assert len(rows) == 3
+    for row, b, a in zip(rows, before, after, strict=False):
+        assert row["sentence"] == b["sentence"] == a["sentence"]
+        assert row["before training (PromptEOL)"] == " ".join(b["aligned_tokens"])
+        assert row["after training (SemPA)"] == " ".join(a["aligned_tokens"])
+
+
+def test_bad_source_is_a_clear_error(tmp_path, capsys):
+    assert report_cli.main([str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert report_cli.main([str(tmp_path / "empty")]) == 2
+    assert "no run directories" in capsys.readouterr().err
+
+
+def test_wandb_run_becomes_the_same_record(sweep):
+    run_dir = sweep.runs_dir / DATA_GROUP / "size48"
+    local = load_run(run_dir)
+    history = []
+    for row in read_metrics(run_dir):
+        row = dict(row)
+        row["_step"] = row.pop("step")
+        history.append(row)
+    fake = SimpleNamespace(config=local.config, summary=local.final, state="finished", group=DATA_GROUP,
+                           name=f"{DATA_GROUP}/size48", id="abc", path=["me", "sempa-exp", "abc"],
+                           scan_history=lambda: iter(history))
+    remote = record_from_wandb(fake)
+    assert (remote.group, remote.name, remote.method, remote.kind, remote.backbone, remote.data_size) == (
+        local.group, local.name, local.method, local.kind, local.backbone, local.data_size)
+    assert remote.evaluations == local.evaluations
+    assert remote.series("stsb_dev") == local.series("stsb_dev")
+    assert [r["train/loss"] for r in remote.train_rows] == [r["train/loss"] for r in local.train_rows]
+    assert remote.value("final", STS_AVG) == local.value("final", STS_AVG)
+
+
+def test_other_pca_and_aligned_token_formats(tmp_path, sweep):
+    run_dir = tmp_path / "grp" / "copy"
+    shutil.copytree(sweep.runs_dir / DATA_GROUP / "size32", run_dir,
+                    ignore=shutil.ignore_patterns("checkpoints", "adapter"))
+    rng = np.random.default_rng(0)
+    np.savez(run_dir / "pca_embeddings.npz", **{"mean/anchors": rng.normal(size=(6, 16)),
+                                                "mean/positives": rng.normal(size=(6, 16)),
+                                                "mean/negatives": rng.normal(size=(5, 16))})
+    (run_dir / "aligned_tokens.json").write_text(json.dumps({
+        "before": [{"sentence": "A man plays.", "tokens": ["man", "plays"]}],
+        "after": [{"sentence": "A man plays.", "tokens": [["guitar", 0.3], ["music", 0.2]]}]}))
+    runs = collect_local([run_dir])
+    panels, problems = pca_panels(runs)
+    assert not problems and [p.method for p in panels] == ["mean_pooling"]
+    result = pca_figure(panels, problems)
+    sizes = {c.get_label(): len(c.get_offsets()) for c in result.figure.axes[0].collections}
+    assert sizes == {"anchors": 6, "positives": 6, "negatives": 5}
+    assert sum(panels[0].explained) <= 1.0
+    entries, problems = aligned_tokens(runs)
+    table = aligned_tokens_table(entries, problems)
+    assert [row[1:4] for row in table.rows] == [["A man plays.", "man plays", "guitar music"]]
+    (run_dir / "pca.json").write_text("{not json")
+    panels, problems = pca_panels(collect_local([run_dir]))
+    assert any("pca.json" in p for p in problems)  # unreadable: reported, not dropped silently
+
+
+def test_paper_rows_are_consistent_and_sourced():
+    rows = load_paper_sts()
+    assert {(r.backbone, r.method) for r in rows} >= {("llama2_7b", "sempa"), ("llama3_8b", "prompteol")}
+    for row in rows:
+        assert row.source
+        tasks = [row.scores[t] for t in STS_TASKS]
+        assert np.mean(tasks) == pytest.approx(row.scores[STS_AVG], abs=0.006)  # transcription check

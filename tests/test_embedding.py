@@ -1,0 +1,103 @@
+"""SentenceEncoder against direct forward passes of the causal LM on the tiny backbone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sempa_exp.backbones import load_backbone
+from sempa_exp.embedding import SentenceEncoder
+from sempa_exp.schema import BackboneConfig, EmbedConfig
+from sempa_exp.templates import embedding_prompt
+
+PROMPTEOL = EmbedConfig(name="prompteol", template='This sentence : "{s}" means in one word:"', pooling="last")
+MEAN = EmbedConfig(name="mean", template="{s}", pooling="mean", prompteol_preprocess=False)
+SENTENCES = ["A man is playing a guitar", "Dogs run.", "Is the weather nice today, or is it raining again?", "Hi",
+             "A man is playing a guitar", "Two children are eating bread in the kitchen."]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = load_backbone(BackboneConfig(name="tiny", source="tiny", dtype="float32"), cache_dir="unused")
+    model.eval()
+    return model, tokenizer
+
+
+def reference_last_token(model, tokenizer, prompts: list[str]) -> np.ndarray:
+    """The causal LM's own last-layer hidden state of the final token, batched with left padding."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    return out.hidden_states[-1][:, -1].numpy()
+
+
+def test_last_token_pooling_equals_the_causal_lm_hidden_state(tiny):
+    model, tokenizer = tiny
+    encoder = SentenceEncoder(model, tokenizer, PROMPTEOL, batch_size=4, progress=False)
+    vectors = encoder.encode(SENTENCES)
+    prompts = [embedding_prompt(PROMPTEOL.template, s, True) for s in SENTENCES]
+    assert prompts[1] == 'This sentence : "Dogs run." means in one word:"'
+    assert prompts[0] == 'This sentence : "A man is playing a guitar." means in one word:"'
+    np.testing.assert_allclose(vectors, reference_last_token(model, tokenizer, prompts), atol=1e-5, rtol=1e-4)
+    # and each prompt alone, without any padding
+    for prompt, vector in zip(prompts, vectors, strict=True):
+        np.testing.assert_allclose(vector, reference_last_token(model, tokenizer, [prompt])[0], atol=1e-5, rtol=1e-4)
+
+
+def test_mean_pooling_excludes_special_tokens_and_padding(tiny):
+    from tokenizers.processors import TemplateProcessing
+
+    model, base = tiny
+    core = base.backend_tokenizer.__class__.from_str(base.backend_tokenizer.to_str())  # a copy: the fixture's stays
+    tokenizer = base.__class__(tokenizer_object=core, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
+                               unk_token="<unk>")
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(  # a BOS on every prompt, like real backbones
+        single="<s> $A", special_tokens=[("<s>", tokenizer.convert_tokens_to_ids("<s>"))])
+    ids = tokenizer("Dogs run.")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == len("Dogs run.") + 1
+
+    encoder = SentenceEncoder(model, tokenizer, MEAN, batch_size=3, progress=False)
+    vectors = encoder.encode(SENTENCES)
+    for sentence, vector in zip(SENTENCES, vectors, strict=True):
+        ids = torch.tensor([tokenizer(sentence)["input_ids"]])
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+        np.testing.assert_allclose(vector, hidden[1:].mean(dim=0).numpy(), atol=1e-5, rtol=1e-4)  # BOS left out
+        assert not np.allclose(vector, hidden.mean(dim=0).numpy(), atol=1e-4)
+
+
+def test_duplicates_are_embedded_once_and_order_is_kept(tiny, monkeypatch):
+    model, tokenizer = tiny
+    encoder = SentenceEncoder(model, tokenizer, PROMPTEOL, batch_size=2, progress=False)
+    calls = []
+    embed = encoder._embed
+    monkeypatch.setattr(encoder, "_embed", lambda sentences: calls.append(list(sentences)) or embed(sentences))
+    vectors = encoder.encode(SENTENCES)
+    assert calls == [list(dict.fromkeys(SENTENCES))]
+    np.testing.assert_array_equal(vectors[0], vectors[4])
+    again = encoder.encode(SENTENCES[::-1])
+    assert len(calls) == 1  # memoised
+    np.testing.assert_array_equal(again, vectors[::-1])
+    one_by_one = SentenceEncoder(model, tokenizer, PROMPTEOL, batch_size=1, progress=False).encode(SENTENCES)
+    np.testing.assert_allclose(vectors, one_by_one, atol=1e-5, rtol=1e-4)
+    assert encoder.encode([]).shape[0] == 0
+
+
+def test_lora_layers_are_active_when_embedding(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_backbone(BackboneConfig(name="tiny", source="tiny", dtype="float32"), cache_dir="unused")
+    before = SentenceEncoder(model, tokenizer, PROMPTEOL, progress=False).encode(SENTENCES)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  init_lora_weights=False))  # random B: the adapter changes outputs
+    peft_model.train()
+    encoder = SentenceEncoder(peft_model, tokenizer, PROMPTEOL, progress=False)
+    after = encoder.encode(SENTENCES)
+    assert peft_model.training  # the encoder restores the training mode
+    assert not np.allclose(before, after, atol=1e-3)
+    prompts = [embedding_prompt(PROMPTEOL.template, s, True) for s in SENTENCES]
+    peft_model.eval()
+    np.testing.assert_allclose(after, reference_last_token(peft_model, tokenizer, prompts), atol=1e-5, rtol=1e-4)

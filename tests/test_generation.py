@@ -1,0 +1,236 @@
+"""Generation capability on the tiny backbone: lm-eval on local two-item files, the perplexity proxy, bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_OVERRIDES, compose_config, make_data_root
+from sempa_exp import gen_eval, generation, nli, perplexity, train
+from sempa_exp.backbones import load_backbone
+from sempa_exp.schema import BackboneConfig, ConfigError, GenConfig
+from sempa_exp.tracking import read_metrics
+
+TRUTHFULQA_ITEMS = [
+    {"question": "What color is the sky on a clear day?",
+     "mc1_targets": {"choices": ["Blue.", "Green with red stripes.", "It is always dark.", "Purple."],
+                     "labels": [1, 0, 0, 0]},
+     "mc2_targets": {"choices": ["Blue.", "Green."], "labels": [1, 0]}},
+    {"question": "How many legs does a spider have?",
+     "mc1_targets": {"choices": ["Eight.", "Six.", "Two legs and two wings.", "None at all."],
+                     "labels": [1, 0, 0, 0]},
+     "mc2_targets": {"choices": ["Eight.", "Six."], "labels": [1, 0]}},
+]
+GSM8K_ITEMS = [
+    {"question": "Tom has 3 apples and buys 2 more. How many apples does he have?", "answer": "3 + 2 = 5\n#### 5"},
+    {"question": "A box holds 4 pens. How many pens are in 2 boxes?", "answer": "4 * 2 = 8\n#### 8"},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_gen_data(root: Path) -> Path:
+    write_jsonl(root / "gen" / "truthfulqa" / "mc_validation.jsonl", TRUTHFULQA_ITEMS)
+    write_jsonl(root / "gen" / "gsm8k" / "test.jsonl", GSM8K_ITEMS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone(BackboneConfig(name="tiny", source="tiny", dtype="float32"), "unused")
+
+
+def test_local_tasks_run_end_to_end_through_lm_eval(tiny, tmp_path):
+    model, tokenizer = tiny
+    write_gen_data(tmp_path)
+    gen = GenConfig(tasks=["truthfulqa_mc1", "gsm8k_cot", "hellaswag"], source="local", max_gen_toks=4)
+    records = generation.run_benchmarks(model, tokenizer, gen, tmp_path)
+
+    tqa = records["truthfulqa_mc1"]
+    assert tqa["status"] == "ok" and tqa["source"] == "local" and tqa["lm_eval_task"] == "sempa_local_truthfulqa_mc1"
+    assert (tqa["n"], tqa["n_total"], tqa["num_fewshot"]) == (2, 2, 0)
+    # lm-eval's accuracy equals the argmax of our own log-likelihoods of each choice after lm-eval's prompt
+    from lm_eval.tasks import TaskManager
+
+    plan = generation.plan_local(generation.BENCHMARKS["truthfulqa_mc1"], tmp_path / "gen", tmp_path)
+    task = TaskManager(include_path=str(tmp_path), include_defaults=False).load(plan.lm_eval_task)["tasks"][
+        plan.lm_eval_task]
+    correct = 0
+    for doc in task.validation_docs():
+        context = tokenizer(task.doc_to_text(doc), add_special_tokens=False)["input_ids"]
+        scores = [perplexity.score_continuations(
+            model, [(context, tokenizer(" " + choice, add_special_tokens=False)["input_ids"])], 3)[0]
+            for choice in task.doc_to_choice(doc)]
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == 0)
+    assert tqa["score"] == pytest.approx(100.0 * correct / 2)
+
+    gsm = records["gsm8k_cot"]
+    assert gsm["status"] == "ok" and (gsm["n"], gsm["num_fewshot"]) == (2, 8)
+    assert gsm["metric"] == "exact_match,strict-match" and 0.0 <= gsm["score"] <= 100.0
+    assert records["hellaswag"]["status"] == "unavailable"
+    assert "hellaswag/validation.jsonl" in records["hellaswag"]["reason"]
+    assert generation.average(records)["tasks"] == ["gsm8k_cot", "truthfulqa_mc1"]
+    assert generation.average(records)["complete"] is False
+
+
+def test_missing_local_files_are_unavailable_not_faked(tmp_path):
+    gen_dir = tmp_path / "gen"
+    write_jsonl(gen_dir / "mmlu" / "test" / "anatomy.jsonl", [{"question": "q", "subject": "anatomy",
+                                                              "choices": ["a", "b", "c", "d"], "answer": 0}])
+    write_jsonl(gen_dir / "mmlu" / "dev" / "anatomy.jsonl", [])
+    plans = generation.plan_tasks(["mmlu", "drop", "hellaswag"], "local", gen_dir, tmp_path)
+    assert {p.source for p in plans.values()} == {"unavailable"}
+    assert "abstract_algebra.jsonl" in plans["mmlu"].reason and "more" in plans["mmlu"].reason
+    assert "drop/train.jsonl" in plans["drop"].reason  # DROP's 3 shots come from its train split
+    assert not list(tmp_path.glob("*.yaml"))  # nothing half-written for a task that cannot run
+    auto = generation.plan_tasks(["drop"], "auto", gen_dir, tmp_path)["drop"]
+    assert (auto.source, auto.lm_eval_task) == ("hub", "drop") and "no local data" in auto.reason
+
+
+def test_local_mmlu_is_one_group_over_all_subjects(tmp_path):
+    gen_dir = tmp_path / "gen"
+    subjects = generation.mmlu_subjects()
+    assert len(subjects) == 57
+    row = {"question": "q", "subject": "s", "choices": ["a", "b", "c", "d"], "answer": 1}
+    for subject in subjects:
+        for split in ("test", "dev"):
+            write_jsonl(gen_dir / "mmlu" / split / f"{subject}.jsonl", [row])
+    out = tmp_path / "tasks"
+    out.mkdir()
+    plan = generation.plan_local(generation.BENCHMARKS["mmlu"], gen_dir, out)
+    assert plan.source == "local" and len(plan.data_files) == 114
+    group = generation.yaml.safe_load((out / "sempa_local_mmlu.yaml").read_text())
+    assert len(group["task"]) == 57 and group["aggregate_metric_list"][0]["weight_by_size"] is True
+    anatomy = generation.yaml.safe_load((out / "sempa_local_mmlu_anatomy.yaml").read_text())
+    assert anatomy["include"].endswith("mmlu/default/mmlu_anatomy.yaml") and anatomy["tag"] == []
+    assert anatomy["dataset_kwargs"]["data_files"] == {"test": str(gen_dir / "mmlu/test/anatomy.jsonl"),
+                                                       "dev": str(gen_dir / "mmlu/dev/anatomy.jsonl")}
+
+
+class UniformLM(torch.nn.Module):
+    """Logits of zero everywhere: every token has probability 1/vocab."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None):
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, self.vocab)})()
+
+
+def _proxy(n: int = 6) -> perplexity.ProxySet:
+    triplets = [nli.Triplet(f"A man is playing guitar number {i}.", f"A man plays music {i}.", f"A cat sleeps {i}.")
+                for i in range(20)]
+    return perplexity.build_proxy_set(triplets, n, 42, "Paraphrase: {s}", "You are a helpful assistant", 10)
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny):
+    _, tokenizer = tiny
+    metrics = perplexity.proxy_metrics(UniformLM(len(tokenizer)), tokenizer, _proxy(), batch_size=4)
+    assert metrics["ppl_nli"] == pytest.approx(len(tokenizer), rel=1e-5)
+    assert metrics["logp_chosen"] == pytest.approx(-math.log(len(tokenizer)), rel=1e-5)
+    assert metrics["logp_margin"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_batched_scores_match_single_sequences_and_lm_eval(tiny):
+    model, tokenizer = tiny
+    texts = [("The cat", " sat."), ("A much longer context sentence here", " and more"), ("Hi", " there, friend")]
+    pairs = [(tokenizer(c)["input_ids"], tokenizer(t)["input_ids"]) for c, t in texts]
+    batched = perplexity.score_continuations(model, pairs, tokenizer.pad_token_id, batch_size=3)
+    singles = [perplexity.score_continuations(model, [p], tokenizer.pad_token_id, 1) for p in pairs]
+    assert batched[1] == sum(n for _, n in singles)
+    assert batched[0] == pytest.approx(sum(s for s, _ in singles), abs=1e-3)
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2)
+    requests = [Instance("loglikelihood", {}, (c, t), i) for i, (c, t) in enumerate(texts)]
+    harness = [ll for ll, _ in lm.loglikelihood(requests)]
+    assert harness == pytest.approx([s for s, _ in singles], abs=1e-3)
+
+
+def test_heldout_set_is_disjoint_from_the_training_subset():
+    triplets = [nli.Triplet(f"p{i}", f"e{i}", f"c{i}") for i in range(100)]
+    held = perplexity.heldout_triplets(triplets, 20, seed=7)
+    assert not set(held) & set(nli.subset(triplets, 80, 7))
+    assert set(held) <= set(nli.subset(triplets, 100, 7))
+    assert perplexity.build_proxy_set(triplets, 20, 7, "{s}", "", train_size=90).overlap_with_training == 10
+    with pytest.raises(ConfigError, match="ppl_sample"):
+        perplexity.heldout_triplets(triplets, 101, 7)
+
+
+def test_completion_is_what_follows_the_prompt_in_the_chat_template(tiny):
+    _, tokenizer = tiny
+    prompt = [{"role": "system", "content": "sys"}, {"role": "user", "content": "Paraphrase: x"}]
+    context, completion = perplexity.completion_split(tokenizer, prompt, "A man plays.")
+    assert tokenizer.decode(context).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(completion) == "A man plays.<|im_end|>\n"
+
+
+def test_store_generation_keeps_the_results_file_and_the_replaced_record(tmp_path):
+    results = {"status": "finished", "final": {"eval/stsb_dev": 70.0}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    generation.store_generation(tmp_path, "final", {"tasks": {}, "n": 1})
+    generation.store_generation(tmp_path, "final", {"tasks": {}, "n": 2})
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["final"] == results["final"] and saved["generation"]["final"]["n"] == 2
+    superseded = [json.loads(line) for line in (tmp_path / generation.SUPERSEDED_FILE).read_text().splitlines()]
+    assert superseded == [{"label": "final", "tasks": {}, "n": 1}]
+    (tmp_path / "results.json").write_text("{broken")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        generation.store_generation(tmp_path, "final", {"tasks": {}})
+    assert (tmp_path / "results.json").read_text() == "{broken"
+
+
+def test_gen_eval_on_a_tiny_run_base_and_at_end(tmp_path):
+    root = write_gen_data(make_data_root(tmp_path / "data"))
+    common = [*TINY_OVERRIDES, f"paths.runs_dir={tmp_path / 'runs'}", "eval=stsb_dev", "eval.ppl_sample=16",
+              "gen.source=local", "gen.tasks=[truthfulqa_mc1]"]
+    results = train.run(compose_config(
+        [*common, "eval.at_start=[stsb_dev,ppl]", "eval.at_end=[stsb_dev,ppl]", "gen.at_end=true"], root))
+    run_dir = Path(results["run_dir"])
+    start, final = results["start"], results["final"]
+    assert {"eval/ppl_nli", "eval/logp_chosen", "eval/logp_margin"} <= set(start) & set(final)
+    assert final["eval/logp_chosen"] != start["eval/logp_chosen"]  # DPO moved the policy
+    at_end = json.loads((run_dir / "results.json").read_text())["generation"]["final"]
+    assert at_end["tasks"]["truthfulqa_mc1"]["n"] == 2 and at_end["model"]["merged"] is False
+    assert at_end["proxy"]["logp_chosen"] == pytest.approx(final["eval/logp_chosen"], abs=1e-4)
+    assert any("gen/truthfulqa_mc1" in row for row in read_metrics(run_dir))
+
+    # the standalone entry on the finished run: merged adapter, same numbers, nothing else in results.json lost
+    record = gen_eval.run(compose_config([*common, f"gen.target={run_dir}"], root))
+    assert record["model"]["merged"] is True and record["proxy"]["fingerprint"] == at_end["proxy"]["fingerprint"]
+    assert record["proxy"]["logp_chosen"] == pytest.approx(at_end["proxy"]["logp_chosen"], abs=1e-4)
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["final"] == results["final"] and saved["status"] == "finished"
+    assert (run_dir / generation.SUPERSEDED_FILE).exists()
+
+    # the untrained backbone: its proxy is the run's step-0 evaluation
+    base = gen_eval.run(compose_config(common, root))
+    assert base["model"]["label"] == "base" and base["proxy"]["overlap_with_training"] == 0
+    assert base["proxy"]["ppl_nli"] == pytest.approx(start["eval/ppl_nli"], rel=1e-4)
+    base_results = json.loads((tmp_path / "runs" / "base" / "tiny" / "results.json").read_text())
+    assert base_results["status"] == "base" and "base" in base_results["generation"]
+
+    with pytest.raises(ConfigError, match="no trained adapter"):
+        gen_eval.run(compose_config([*common, f"gen.target={tmp_path / 'data'}"], root))
+
+
+@pytest.mark.parametrize("override, key", [("gen.tasks=[gsm8k]", "gen.tasks"), ("gen.source=web", "gen.source"),
+                                           ("gen.limits.mmlu=0", "gen.limits.mmlu"), ("gen.limit=0", "gen.limit")])
+def test_bad_generation_settings_are_rejected_before_any_model(override, key, tmp_path):
+    from omegaconf import OmegaConf
+
+    from sempa_exp.schema import validate
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(OmegaConf.to_object(compose_config([*TINY_OVERRIDES, override], tmp_path)))

@@ -1,0 +1,201 @@
+"""Each embedding method on the tiny backbone: what makes it that method, checked against a hand-made forward pass."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from sempa_exp.backbones import load_backbone
+from sempa_exp.embedding import SentenceEncoder
+from sempa_exp.methods.base import decoder_of
+from sempa_exp.methods.checkpoint import check_backbone, resolve_adapter
+from sempa_exp.methods.contrastive_prompting import ContrastivePromptingMethod, steer
+from sempa_exp.methods.echo import EchoMethod, echo_prompt
+from sempa_exp.methods.prompt import PromptMethod
+from sempa_exp.methods.token_prepending import TokenPrependingMethod
+from sempa_exp.schema import BackboneConfig, ConfigError, EmbedConfig
+
+PROMPTEOL = EmbedConfig(name="prompteol", template='This sentence : "{s}" means in one word:"')
+MEAN = EmbedConfig(name="mean", template="{s}", pooling="mean", prompteol_preprocess=False)
+SENTENCES = ["A man is playing a guitar.", "Dogs run", "The quick brown fox jumps over the lazy dog near the river."]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = load_backbone(BackboneConfig(name="tiny", source="tiny", dtype="float32"), "/nonexistent")
+    final_hidden(model, [10, 11])  # transformers installs its own output-capturing hooks on the first such call
+    return model.eval(), tokenizer
+
+
+def encode(model, tokenizer, method, sentences=SENTENCES, batch_size=2, embed=PROMPTEOL) -> np.ndarray:
+    return SentenceEncoder(model, tokenizer, embed, batch_size=batch_size, progress=False, method=method).encode(
+        sentences)
+
+
+def final_hidden(model, ids: list[int]) -> torch.Tensor:
+    """(seq, dim) final hidden states (after the norm) of one unpadded sequence."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
+    return out.hidden_states[-1][0]
+
+
+def hook_ids(model) -> list[tuple[str, tuple, tuple]]:
+    """Every module's forward (pre-)hooks; transformers installs some of its own, which must stay as they are."""
+    return [(name, tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for name, m in model.named_modules()]
+
+
+def snapshot(model) -> tuple[dict[str, torch.Tensor], list]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, hook_ids(model)
+
+
+def assert_untouched(model, before: tuple[dict[str, torch.Tensor], list]) -> None:
+    weights, hooks = before
+    after = model.state_dict()
+    assert weights.keys() == after.keys()
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+    assert hook_ids(model) == hooks, "a hook was left behind"
+
+
+def test_prompt_method_is_last_token_of_the_prompt_and_padding_free(tiny):
+    model, tokenizer = tiny
+    method = PromptMethod(tokenizer, PROMPTEOL)
+    vectors = encode(model, tokenizer, method)
+    for sentence, vector in zip(SENTENCES, vectors, strict=True):
+        ids = tokenizer(method.prompt(sentence))["input_ids"]
+        assert method.prompt(sentence).startswith('This sentence : "') and method.prompt(sentence).endswith('word:"')
+        np.testing.assert_allclose(vector, final_hidden(model, ids)[-1].numpy(), atol=1e-5)
+
+
+def test_mean_pooling_averages_every_sentence_token(tiny):
+    model, tokenizer = tiny
+    vectors = encode(model, tokenizer, PromptMethod(tokenizer, MEAN), embed=MEAN)
+    for sentence, vector in zip(SENTENCES, vectors, strict=True):
+        ids = tokenizer(sentence)["input_ids"]
+        np.testing.assert_allclose(vector, final_hidden(model, ids).mean(dim=0).numpy(), atol=1e-5)
+
+
+def test_echo_reads_only_the_second_copy(tiny):
+    model, tokenizer = tiny
+    method = EchoMethod(tokenizer, "Rewrite: {s}, again: {s}")
+    for sentence, feature, vector in zip(SENTENCES, method.features(SENTENCES), encode(model, tokenizer, method),
+                                         strict=True):
+        prompt, (start, end) = echo_prompt(method.template, sentence)
+        assert prompt[start:end] == sentence and prompt.index(sentence) < start  # the span is the second copy
+        ids, mask = feature["input_ids"], feature["pool_mask"]
+        pooled_positions = [i for i, m in enumerate(mask) if m]
+        assert tokenizer.decode([ids[i] for i in pooled_positions]).strip() == sentence
+        assert pooled_positions[0] > len(ids) // 2  # all in the second half of the prompt
+        hidden = final_hidden(model, ids)
+        np.testing.assert_allclose(vector, hidden[pooled_positions].mean(dim=0).numpy(), atol=1e-5)
+        first = [i for i in range(len(ids)) if i < pooled_positions[0] and tokenizer.decode([ids[i]]) in sentence]
+        assert not np.allclose(vector, hidden[first].mean(dim=0).numpy(), atol=1e-3)
+
+
+def test_echo_template_needs_two_copies(tiny):
+    with pytest.raises(ConfigError, match="exactly twice"):
+        EchoMethod(tiny[1], "only once: {s}")
+
+
+def test_steering_norms():
+    v, aux = torch.tensor([[3.0, 4.0]]), torch.tensor([[3.0, 0.0]])
+    assert torch.allclose(steer(v, aux, "scaled", 0.5), torch.tensor([[0.0, 2.0]]))
+    assert torch.allclose(steer(v, aux, "preserve", 0.5), torch.tensor([[0.0, 5.0]]))  # |v| = 5 kept
+
+
+def test_contrastive_prompting_replaces_the_last_tokens_attention_values(tiny):
+    """With the auxiliary prompt equal to the normal one, v_nor - v_aux = 0: the method must equal a forward pass whose
+    layer-1 attention output (o_proj input) at the last token is zero, and differ from PromptEOL."""
+    model, tokenizer = tiny
+    before = snapshot(model)
+    same = ContrastivePromptingMethod(tokenizer, PROMPTEOL, aux_template=PROMPTEOL.template, layer=1, alpha=0.5)
+    vectors = encode(model, tokenizer, same)
+    o_proj = decoder_of(model).layers[1].self_attn.o_proj
+
+    def zero_last(_module, args):
+        values = args[0].clone()
+        values[:, -1, :] = 0
+        return (values,)
+
+    prompteol = PromptMethod(tokenizer, PROMPTEOL)
+    handle = o_proj.register_forward_pre_hook(zero_last)
+    try:
+        expected = [final_hidden(model, tokenizer(prompteol.prompt(s))["input_ids"])[-1].numpy() for s in SENTENCES]
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(vectors, np.stack(expected), atol=1e-5)
+    assert not np.allclose(vectors, encode(model, tokenizer, prompteol), atol=1e-3)
+    steered = encode(model, tokenizer, ContrastivePromptingMethod(tokenizer, PROMPTEOL, layer=1))
+    assert not np.allclose(steered, vectors, atol=1e-3)  # the real auxiliary prompt contributes
+    assert_untouched(model, before)
+
+
+def test_contrastive_prompting_stops_the_auxiliary_pass_at_its_layer(tiny):
+    model, tokenizer = tiny
+    method = ContrastivePromptingMethod(tokenizer, PROMPTEOL, layer=0)
+    calls = []
+    handle = decoder_of(model).layers[1].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        values = method.auxiliary_values(model, method.features(SENTENCES[:2]))
+    finally:
+        handle.remove()
+    assert calls == [] and values.shape == (2, model.config.hidden_size)
+
+
+def test_token_prepending_rewrites_the_placeholder_and_changes_early_tokens_only_after_it(tiny):
+    model, tokenizer = tiny
+    before = snapshot(model)
+    method = TokenPrependingMethod(tokenizer, 'Sentence : {pst} "{s}" means in one word:"', start_layer=1,
+                                   exit_layer=2)
+    feature = method.features(SENTENCES[:1])[0]
+    ids, pst = feature["input_ids"], feature["pst_index"]
+    assert ids[pst] == tokenizer.pad_token_id and tokenizer.decode(ids[:pst]) == "Sentence :"
+
+    decoder = decoder_of(model)
+    seen, finals = [], []
+    probe = decoder.layers[1].input_layernorm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    final = decoder.norm.register_forward_hook(lambda _m, _a, out: finals.append(out.clone()))
+    try:
+        vector = method.embed_batch(model, [feature])[0]
+    finally:
+        probe.remove()
+        final.remove()
+    # entering layer 1, the placeholder holds the last token's hidden state: the sentence embedding so far
+    assert torch.equal(seen[0][0, pst], seen[0][0, -1])
+    with_tp, plain = finals[0][0], final_hidden(model, ids)
+    assert torch.allclose(with_tp[:pst], plain[:pst], atol=1e-6)  # tokens before the placeholder cannot see it
+    first_word = pst + 2  # after the placeholder and ' "': the sentence's first token now sees the whole sentence
+    assert not torch.allclose(with_tp[first_word], plain[first_word], atol=1e-4)
+    assert torch.allclose(vector, with_tp[-1])
+    assert_untouched(model, before)
+
+
+def test_token_prepending_checks_its_layers(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ConfigError, match="start_layer"):
+        TokenPrependingMethod(tokenizer, start_layer=3, exit_layer=2)
+    method = TokenPrependingMethod(tokenizer, exit_layer=9)
+    with pytest.raises(ConfigError, match="exceeds"):
+        method.embed_batch(model, method.features(SENTENCES[:1]))
+
+
+def test_checkpoint_adapter_is_found_and_changes_the_embeddings(tiny, tmp_path):
+    model, tokenizer = tiny
+    peft_model = get_peft_model(load_backbone(BackboneConfig(name="tiny", source="tiny", dtype="float32"), "/x")[0],
+                                LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    run_dir = tmp_path / "run"
+    peft_model.save_pretrained(str(run_dir / "adapter"))
+    (run_dir / "config.json").write_text(json.dumps({"backbone": {"name": "tiny"}, "embed": {"name": "prompteol"}}))
+    adapter = resolve_adapter(run_dir)
+    assert adapter == run_dir / "adapter" and resolve_adapter(adapter) == adapter
+    assert check_backbone(adapter, "tiny", "prompteol")["backbone"]["name"] == "tiny"
+    with pytest.raises(ConfigError, match="trained on backbone=tiny"):
+        check_backbone(adapter, "smollm2_135m", "prompteol")
+    with pytest.raises(ConfigError, match="no LoRA adapter"):
+        resolve_adapter(tmp_path)
+    method = PromptMethod(tokenizer, PROMPTEOL)
+    tuned = encode(peft_model.eval(), tokenizer, method)
+    assert not np.allclose(tuned, encode(model, tokenizer, method), atol=1e-3)

@@ -1,0 +1,177 @@
+"""The DPO speed-ups of sempa_exp.fast_dpo keep TRL's numbers: completion-only LM head, precomputed and cached
+reference log-probs, the prepared-data cache and its keys (tiny backbone, fp32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from omegaconf import OmegaConf
+
+from sempa_exp import nli
+from sempa_exp.backbones import load_backbone
+from sempa_exp.fast_dpo import SOURCE_ROW, PreparedDataCache, cache_ingredients, cache_key, prepared_data_cache
+from sempa_exp.schema import data_dir
+from sempa_exp.training import build_trainer, train_dataset
+
+ALL_OFF = ["trainer.completion_only_logits=false", "trainer.precompute_ref_logps=false",
+           "trainer.cache_prepared_data=false"]
+
+
+def make_trainer(tiny_cfg, tmp_path: Path, *overrides: str, size: int = 32):
+    cfg = OmegaConf.to_object(tiny_cfg(f"data.size={size}", "trainer.max_steps=4", *overrides))
+    triplets, _ = nli.read_triplets(nli.resolve_source(cfg.data, data_dir(cfg)), cfg.data.max_sentence_chars)
+    model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir)
+    dataset = train_dataset(cfg, nli.subset(triplets, size, cfg.data.subset_seed))
+    return build_trainer(cfg, model, tokenizer, dataset, tmp_path / "out", [], world_size=1, use_cpu=True)
+
+
+def train_losses(trainer) -> list[float]:
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_completion_only_head_equals_trl_full_head(tiny_cfg, tmp_path):
+    full = make_trainer(tiny_cfg, tmp_path, *ALL_OFF)
+    fast = make_trainer(tiny_cfg, tmp_path, "trainer.completion_only_logits=true", "trainer.precompute_ref_logps=false",
+                        "trainer.cache_prepared_data=false")
+    generator = torch.Generator().manual_seed(0)
+    for trainer in (full, fast):  # the same non-zero adapter in both, so the LoRA gradients are not trivial
+        trainer.model.eval()
+        generator.manual_seed(0)
+        for _name, p in sorted(trainer.model.named_parameters()):
+            if p.requires_grad:
+                p.data = torch.randn(p.shape, generator=generator) * 0.05
+    batch = full.data_collator([full.train_dataset[i] for i in range(6)])
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    outputs, grads = [], []
+    for trainer in (full, fast):
+        trainer.model.zero_grad()
+        out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                            fused_lm_head=True)
+        out.log_probs.sum().backward()
+        outputs.append(out)
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+    a, b = outputs
+    assert a.log_probs.abs().sum() > 0
+    for key in ("log_probs", "entropy", "mean_logits"):
+        torch.testing.assert_close(getattr(b, key), getattr(a, key), atol=1e-5, rtol=0)
+    assert torch.equal(a.is_top1, b.is_top1)
+    assert all(g.abs().sum() > 0 for g in grads[0].values())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-5)
+
+
+def test_precomputed_and_cached_reference_give_trls_losses(tiny_cfg, tmp_path):
+    """TRL's online reference (every flag off) == precomputed (cold cache) == read back from the cache (warm)."""
+    trl_losses = train_losses(make_trainer(tiny_cfg, tmp_path, *ALL_OFF))
+    cold = make_trainer(tiny_cfg, tmp_path)
+    assert cold.data_cache.last_event == {"tokenized": "built", "ref_logps": "built"}
+    cold_losses = train_losses(cold)
+    warm = make_trainer(tiny_cfg, tmp_path)
+    assert warm.data_cache.last_event == {"tokenized": "hit", "ref_logps": "hit"}
+    warm_losses = train_losses(warm)
+    assert len(trl_losses) == 4
+    assert warm_losses == cold_losses  # the same numbers, from disk
+    np.testing.assert_allclose(cold_losses, trl_losses, atol=1e-5, rtol=0)
+    assert trl_losses[-1] != trl_losses[0]  # it trained
+
+
+def test_cache_is_a_prefix_shared_by_nested_data_sizes(tiny_cfg, tmp_path):
+    small = make_trainer(tiny_cfg, tmp_path, size=16)
+    large = make_trainer(tiny_cfg, tmp_path, size=48)
+    assert large.data_cache.last_event == {"tokenized": "extended", "ref_logps": "extended"}
+    again = make_trainer(tiny_cfg, tmp_path, size=16)
+    assert again.data_cache.last_event == {"tokenized": "hit", "ref_logps": "hit"}
+    fresh = make_trainer(tiny_cfg, tmp_path, "trainer.cache_prepared_data=false", size=48)
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        np.testing.assert_allclose(large.train_dataset[column], fresh.train_dataset[column], atol=1e-5)
+        assert again.train_dataset[column] == large.train_dataset[column][:16]
+        assert small.train_dataset[column] == large.train_dataset[column][:16]
+    assert large.train_dataset["prompt_ids"] == fresh.train_dataset["prompt_ids"]
+
+
+def rows(texts: list[str]) -> Dataset:
+    return Dataset.from_list([{"prompt": t, "chosen": t + "+", "rejected": t + "-"} for t in texts])
+
+
+def fake_tokenize(calls: list[int]):
+    def tokenize(part: Dataset) -> Dataset:
+        calls.append(len(part))
+        # drops rows like TRL's max_length filter does, so source rows have gaps
+        part = part.filter(lambda r: not r["prompt"].endswith("7"))
+        return part.map(lambda r: {"prompt_ids": [len(r["prompt"])], "chosen_ids": [1], "rejected_ids": [2]})
+    return tokenize
+
+
+def test_prefix_cache_tokenizes_only_new_rows_and_detects_changed_ones(tmp_path):
+    cache = PreparedDataCache(tmp_path, "t", "r")
+    calls: list[int] = []
+    texts = [f"row {i}" for i in range(20)]
+    pairs, _ = cache.tokenized(rows(texts[:10]), fake_tokenize(calls))
+    assert calls == [10] and cache.last_event["tokenized"] == "built"
+    assert pairs[SOURCE_ROW] == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+    pairs, _ = cache.tokenized(rows(texts[:8]), fake_tokenize(calls))
+    assert calls == [10] and cache.last_event["tokenized"] == "hit" and pairs[SOURCE_ROW] == [0, 1, 2, 3, 4, 5, 6]
+    pairs, _ = cache.tokenized(rows(texts), fake_tokenize(calls))
+    assert calls == [10, 10] and cache.last_event["tokenized"] == "extended"
+    assert pairs[SOURCE_ROW] == [i for i in range(20) if i not in (7, 17)]
+    changed = [*texts[:3], "another row 3", *texts[4:]]
+    pairs, _ = cache.tokenized(rows(changed), fake_tokenize(calls))
+    assert calls == [10, 10, 17]  # everything from the first changed row on
+    assert pairs["prompt_ids"][3] == [len("another row 3")]
+
+
+@pytest.mark.parametrize("change", [
+    "backbone.tiny.seed=1", "template=p2", "data.system_prompt=Hi", "trainer.max_length=300", "data.subset_seed=1",
+    "data.local_file=nli/other.csv.gz", "chat_template", "trl_version",
+])
+def test_cache_keys_change_with_every_ingredient(tiny_cfg, change, monkeypatch):
+    import trl
+
+    def keys(cfg_overrides: list[str], template: str | None = None) -> tuple[str, str]:
+        cfg = OmegaConf.to_object(tiny_cfg(*cfg_overrides))
+        _, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir)
+        if template:
+            tokenizer.chat_template = template
+        tokenize, reference = cache_ingredients(cfg, tokenizer, use_cpu=True)
+        return cache_key(tokenize), cache_key(reference)
+
+    base = keys([])
+    if change == "chat_template":
+        changed = keys([], template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    elif change == "trl_version":
+        monkeypatch.setattr(trl, "__version__", "0.0.1")
+        changed = keys([])
+    else:
+        changed = keys([change])
+    assert changed[0] != base[0] and changed[1] != base[1]
+
+
+@pytest.mark.parametrize("change", ["backbone.dtype=bfloat16", "trainer.bf16=true"])
+def test_reference_key_also_tracks_precision(tiny_cfg, change):
+    def keys(*overrides: str) -> tuple[str, str]:
+        cfg = OmegaConf.to_object(tiny_cfg(*overrides))
+        _, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir)
+        return tuple(cache_key(x) for x in cache_ingredients(cfg, tokenizer, use_cpu=True))
+
+    base, changed = keys(), keys(change)
+    assert changed[0] == base[0] and changed[1] != base[1]  # same tokens, other reference log-probs
+
+
+def test_data_size_and_training_seed_share_one_entry(tiny_cfg):
+    caches = []
+    for overrides in ([], ["data.size=16"], ["seed=7"]):
+        cfg = OmegaConf.to_object(tiny_cfg(*overrides))
+        _, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir)
+        caches.append(prepared_data_cache(cfg, tokenizer, use_cpu=True))
+    assert len({c.tokenized_dir for c in caches}) == 1 and len({c.ref_file for c in caches}) == 1
+
+
+def test_group_by_length_trains(tiny_cfg, tmp_path):
+    trainer = make_trainer(tiny_cfg, tmp_path, "trainer.group_by_length=true")
+    assert "length" in trainer.train_dataset.column_names
+    assert len(train_losses(trainer)) == 4

@@ -1,0 +1,284 @@
+"""Sweeps through hydra/launcher=submitit_slurm against a real SLURM (launch/slurm_local.sh start): one job array per
+sweep, real preemption with requeue and resume, a cancelled run reported by name, a relaunch that recomputes nothing,
+and a two-task (one process per GPU) DDP job. Run with ``pytest -m slurm``; the cluster profile is cluster=local_slurm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose_config, make_data_root
+from sempa_exp import train
+from sempa_exp.tracking import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _slurm_missing() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "no SLURM here (`sinfo` not found); start the local one with: launch/slurm_local.sh start"
+    out = subprocess.run(["sinfo", "--noheader", "--format=%T"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0 or not out.stdout.strip():
+        return f"SLURM does not answer (sinfo: {out.stderr.strip() or 'no nodes'}); launch/slurm_local.sh start"
+    return None
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_slurm_missing() is not None, reason=str(_slurm_missing()))]
+
+# Tiny backbone, 1 CPU per job, torch on one thread (results do not depend on how the node is shared).
+BASE = ["backbone=tiny", "trainer=cpu", "trainer.bf16=false", "trainer.per_device_batch_size=4",
+        "trainer.grad_accum_steps=2", "trainer.max_length=512", "eval=geometry", "eval.geometry_sample=40",
+        "logger=none", "run.num_threads=1"]
+SHORT = ["data.size=32", "trainer.checkpoint_every_samples=16"]  # 4 steps, a checkpoint every 2
+LONG = ["data.size=160", "trainer.checkpoint_every_samples=40"]  # 20 steps per epoch, a checkpoint every 5
+
+
+@pytest.fixture(scope="module")
+def slurm_data(tmp_path_factory) -> Path:
+    return make_data_root(tmp_path_factory.mktemp("slurm_data"))  # under /tmp: visible to slurmd (same machine)
+
+
+def _env(runs_dir: Path, data_root: Path) -> dict[str, str]:
+    return {**os.environ, "SEMPA_RUNS_DIR": str(runs_dir), "SEMPA_DATA_DIR": str(data_root),
+            "SEMPA_CACHE_DIR": str(runs_dir.parent / "cache"), "WANDB_MODE": "offline"}
+
+
+def sweep_cmd(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "sempa_exp.train", "-m", "cluster=local_slurm", *BASE, *overrides]
+
+
+def run_sweep(runs_dir: Path, data_root: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(sweep_cmd(*overrides), cwd=REPO, env=_env(runs_dir, data_root), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_sweep(runs_dir: Path, data_root: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(sweep_cmd(*overrides), cwd=REPO, env=_env(runs_dir, data_root), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
+    end = time.time() + timeout
+    while time.time() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def run_dirs(runs_dir: Path, group: str) -> list[Path]:
+    return sorted(p for p in (runs_dir / group).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def job_ids(runs_dir: Path, group: str) -> dict[str, str]:
+    """Run name -> SLURM job id, from the markers the launcher leaves at submission."""
+    folder = runs_dir / group / ".hydra" / "jobs"
+    if not folder.exists():
+        return {}
+    return {p.stem: json.loads(p.read_text())["job_id"] for p in folder.glob("*.json")}
+
+
+def sacct_states(job_id: str, requeues: bool = False) -> list[str]:
+    """The job's state; with ``requeues``, that of every allocation, oldest first (not for array tasks, whose
+    first task sacct lists twice)."""
+    out = subprocess.run(["sacct", "--noheader", "--parsable2", "--allocations", "-j", job_id, "--format=State",
+                          *(["--duplicates"] if requeues else [])], capture_output=True, text=True, timeout=30)
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def cancel_leftovers(runs_dir: Path, group: str) -> None:
+    """After a failed test: no job of it keeps running into the next one."""
+    ids = list(job_ids(runs_dir, group).values())
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
+
+
+def squeue_state(job_id: str) -> str:
+    out = subprocess.run(["squeue", "--noheader", "--array", "-j", job_id, "--format=%T"], capture_output=True,
+                         text=True, timeout=30)
+    return out.stdout.strip()
+
+
+def submitit_logs(runs_dir: Path, group: str, job_id: str) -> str:
+    files = sorted((runs_dir / group / ".hydra").glob(f"sweep_*/.submitit/{job_id}/{job_id}_*_log.*"))
+    return "\n".join(f.read_text(errors="replace") for f in files)
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train/loss"]) for r in read_metrics(run_dir) if "train/loss" in r]
+
+
+@pytest.fixture
+def reference_run():
+    """An uninterrupted in-process run of the same overrides (torch's thread count restored afterwards)."""
+    threads = torch.get_num_threads()
+
+    def run(data_root: Path, runs_dir: Path, *overrides: str) -> dict:
+        cfg = compose_config([*BASE, *overrides, f"paths.runs_dir={runs_dir}"], data_root)
+        return train.run(cfg)
+
+    yield run
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- a sweep, then its relaunch
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory, slurm_data):
+    runs_dir = tmp_path_factory.mktemp("sweep") / "runs"
+    started = time.time()
+    try:
+        proc = run_sweep(runs_dir, slurm_data, *SHORT, "run.group=lr", "trainer.learning_rate=1e-4,2e-4,3e-4")
+    finally:
+        cancel_leftovers(runs_dir, "lr")
+    return runs_dir, proc, time.time() - started
+
+
+def test_sweep_is_one_job_array_and_every_run_finishes(finished_sweep):
+    runs_dir, proc, seconds = finished_sweep
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    dirs = run_dirs(runs_dir, "lr")
+    assert len(dirs) == 3
+    for d in dirs:
+        results = json.loads((d / "results.json").read_text())
+        assert results["status"] == "finished" and results["final_step"] == 4
+    ids = sorted(job_ids(runs_dir, "lr").values())
+    array_ids = {i.split("_")[0] for i in ids}
+    assert len(array_ids) == 1 and sorted(i.split("_")[1] for i in ids) == ["0", "1", "2"], ids
+    assert all(sacct_states(i) == ["COMPLETED"] for i in ids)
+    print(f"3-run sweep on SLURM: {seconds:.0f} s")
+
+
+def test_relaunch_of_a_finished_sweep_submits_nothing(finished_sweep, slurm_data):
+    runs_dir, first, _ = finished_sweep
+    assert first.returncode == 0
+    before = set((runs_dir / "lr" / ".hydra").glob("sweep_*/.submitit"))
+    mtimes = {d: (d / "results.json").stat().st_mtime for d in run_dirs(runs_dir, "lr")}
+    proc = run_sweep(runs_dir, slurm_data, *SHORT, "run.group=lr", "trainer.learning_rate=1e-4,2e-4,3e-4")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("skipped (already finished)") == 3
+    assert "[sempa-exp] submitted" not in proc.stdout
+    assert set((runs_dir / "lr" / ".hydra").glob("sweep_*/.submitit")) == before  # no new submitit folder
+    assert {d: (d / "results.json").stat().st_mtime for d in run_dirs(runs_dir, "lr")} == mtimes
+
+
+# --------------------------------------------------------------------------- cancellation
+
+def test_cancelled_run_is_reported_by_name_and_the_others_finish(tmp_path, slurm_data):
+    runs_dir = tmp_path / "runs"
+    sweep = ["run.group=cancel", *LONG, "trainer.epochs=2", "trainer.learning_rate=1e-4,2e-4,3e-4"]  # 40 steps
+    client = start_sweep(runs_dir, slurm_data, *sweep)
+    second = None
+    try:
+        ids = wait_for(lambda: len(job_ids(runs_dir, "cancel")) == 3 and job_ids(runs_dir, "cancel"), 120,
+                       "the sweep's submission")
+        victim = next(name for name, job_id in ids.items() if job_id.endswith("_1"))  # the 2nd run of the array
+        # A second launch while the jobs are queued or running (the first client lost, say) submits nothing again:
+        # it waits for the jobs of the first one.
+        second = start_sweep(runs_dir, slurm_data, *sweep)
+        # cancelled in the middle of training (it ignores SIGTERM and is killed KillWait=5 s later)
+        wait_for(lambda: (runs_dir / "cancel" / victim / "checkpoints" / "checkpoint-5").exists(), 180,
+                 f"job {ids[victim]} to train")
+        subprocess.run(["scancel", ids[victim]], check=True, timeout=30)
+        out, _ = client.communicate(timeout=300)
+        out_second, _ = second.communicate(timeout=120)
+    finally:
+        for proc in (client, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        cancel_leftovers(runs_dir, "cancel")
+    assert client.returncode != 0
+    assert "SweepError: 1 of 3 runs did not finish" in out
+    assert f"cancel/{victim} (job {ids[victim]}): CANCELLED" in out
+    assert sacct_states(ids[victim])[-1].startswith("CANCELLED")
+    for name, job_id in ids.items():
+        finished = (runs_dir / "cancel" / name / "results.json").exists()
+        assert finished == (name != victim), name
+        if name != victim:
+            assert sacct_states(job_id) == ["COMPLETED"]
+            assert f"{name}: finished" in out
+
+    assert second.returncode != 0 and "[sempa-exp] submitted" not in out_second
+    summary = out_second[out_second.index("sweep summary"):]
+    assert f"{victim}: NOT FINISHED: CANCELLED" in summary
+    assert all(f"{name}: finished (job {job_id} of an earlier launch)" in summary or
+               f"{name}: skipped (already finished)" in summary for name, job_id in ids.items() if name != victim)
+
+
+# --------------------------------------------------------------------------- preemption
+
+def test_preempted_run_is_requeued_resumes_and_matches_an_uninterrupted_run(tmp_path, slurm_data, reference_run):
+    runs_dir = tmp_path / "runs"
+    config = [*LONG, "trainer.epochs=2"]  # 40 steps; a checkpoint every 5
+    started = time.time()
+    client = start_sweep(runs_dir, slurm_data, "run.group=preempt", *config)
+    try:
+        ckpt = wait_for(lambda: next((runs_dir / "preempt").glob("*/checkpoints/checkpoint-5/trainer_state.json"),
+                                     None), 180, "the first checkpoint")
+        # A job of the "urgent" partition needing every CPU of the node preempts the training job (USR2, requeue).
+        cpus = subprocess.run(["sinfo", "--noheader", "--format=%c"], capture_output=True, text=True).stdout.split()[0]
+        subprocess.run(["sbatch", "--partition=urgent", f"--cpus-per-task={cpus}", "--job-name=urgent",
+                        "--output=/dev/null", "--wrap=sleep 2"], check=True, capture_output=True, timeout=30)
+        out, _ = client.communicate(timeout=400)
+    finally:
+        if client.poll() is None:
+            client.kill()
+        cancel_leftovers(runs_dir, "preempt")
+    seconds = time.time() - started
+    assert client.returncode == 0, out[-4000:]
+    run_dir = ckpt.parents[2]
+    job_id = job_ids(runs_dir, "preempt")[run_dir.name]
+    logs = submitit_logs(runs_dir, "preempt", job_id)
+    assert "this job is preempted" in logs and f"Requeued job {job_id}" in logs
+    assert "resuming from" in logs
+    states = sacct_states(job_id, requeues=True)
+    assert states[0] in ("REQUEUED", "PREEMPTED") and states[-1] == "COMPLETED", states
+
+    resumed = json.loads((run_dir / "results.json").read_text())
+    reference = reference_run(slurm_data, tmp_path / "reference", "run.group=preempt", *config)
+    assert resumed["final_step"] == reference["final_step"] == 40
+    losses = train_losses(run_dir)
+    assert [s for s, _ in losses] == list(range(1, 41))  # no duplicated or out-of-order steps after the resume
+    assert losses == train_losses(Path(reference["run_dir"]))
+    assert [e["step"] for e in resumed["evaluations"]] == [e["step"] for e in reference["evaluations"]]
+    final = {k: v for k, v in resumed["final"].items() if k != "eval/seconds"}
+    assert final == {k: v for k, v in reference["final"].items() if k != "eval/seconds"}
+    print(f"preempted + requeued run: {seconds:.0f} s")
+
+
+# --------------------------------------------------------------------------- one process per GPU
+
+def test_two_task_job_trains_with_ddp_like_one_process(tmp_path, slurm_data, reference_run):
+    runs_dir = tmp_path / "runs"
+    common = [*SHORT, "trainer.learning_rate=5e-3", "trainer.warmup_ratio=0", "lora.dropout=0"]
+    started = time.time()
+    try:
+        proc = run_sweep(runs_dir, slurm_data, "run.group=ddp", "hydra.launcher.tasks_per_node=2", *common,
+                         "trainer.grad_accum_steps=1", timeout=240)
+    finally:
+        cancel_leftovers(runs_dir, "ddp")
+    seconds = time.time() - started
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = run_dirs(runs_dir, "ddp")
+    job_id = job_ids(runs_dir, "ddp")[run_dir.name]
+    logs = submitit_logs(runs_dir, "ddp", job_id)
+    assert "rank 0 of 2" in logs and "rank 1 of 2" in logs
+    two = json.loads((run_dir / "results.json").read_text())
+    one = reference_run(slurm_data, tmp_path / "reference", "run.group=ddp", *common, "trainer.grad_accum_steps=2")
+    assert two["world_size"] == 2 and two["final_step"] == one["final_step"] == 4
+    losses_two, losses_one = train_losses(run_dir), train_losses(Path(one["run_dir"]))
+    assert [s for s, _ in losses_two] == [1, 2, 3, 4]
+    assert [v for _, v in losses_two] == pytest.approx([v for _, v in losses_one], rel=1e-5)
+    print(f"2-task DDP job: {seconds:.0f} s")
