@@ -18,7 +18,7 @@ from sempa_exp.schema import data_dir
 from sempa_exp.training import build_trainer, train_dataset
 
 ALL_OFF = ["trainer.completion_only_logits=false", "trainer.precompute_ref_logps=false",
-           "trainer.cache_prepared_data=false"]
+           "trainer.cache_prepared_data=false", "trainer.sort_within_step=false"]
 
 
 def make_trainer(tiny_cfg, tmp_path: Path, *overrides: str, size: int = 32):
@@ -66,7 +66,8 @@ def test_completion_only_head_equals_trl_full_head(tiny_cfg, tmp_path):
 
 
 def test_precomputed_and_cached_reference_give_trls_losses(tiny_cfg, tmp_path):
-    """TRL's online reference (every flag off) == precomputed (cold cache) == read back from the cache (warm)."""
+    """TRL's online reference (every flag off) == precomputed (cold cache) == read back from the cache (warm), with
+    every default speed-up on (4 x 2 pairs: the step's micro-batches are regrouped by length too)."""
     trl_losses = train_losses(make_trainer(tiny_cfg, tmp_path, *ALL_OFF))
     cold = make_trainer(tiny_cfg, tmp_path)
     assert cold.data_cache.last_event == {"tokenized": "built", "ref_logps": "built"}
@@ -175,3 +176,78 @@ def test_group_by_length_trains(tiny_cfg, tmp_path):
     trainer = make_trainer(tiny_cfg, tmp_path, "trainer.group_by_length=true")
     assert "length" in trainer.train_dataset.column_names
     assert len(train_losses(trainer)) == 4
+
+
+def test_sort_within_step_keeps_each_steps_pairs_and_losses(tiny_cfg, tmp_path):
+    seen: dict[bool, list[list[tuple]]] = {}
+    losses = {}
+    for on in (False, True):
+        trainer = make_trainer(tiny_cfg, tmp_path, *ALL_OFF[:3], f"trainer.sort_within_step={str(on).lower()}")
+        steps = seen.setdefault(on, [])
+        original = trainer.get_batch_samples
+
+        def record(*args, _original=original, _steps=steps, **kwargs):
+            batches, num_items = _original(*args, **kwargs)
+            _steps.append([[tuple(r[m.bool()].tolist()) for r, m in zip(b["input_ids"], b["attention_mask"],
+                                                                         strict=True)] for b in batches])
+            return batches, num_items
+
+        trainer.get_batch_samples = record
+        losses[on] = train_losses(trainer)
+    np.testing.assert_allclose(losses[True], losses[False], atol=1e-5, rtol=0)
+    assert len(seen[True]) == len(seen[False]) == 4
+    for plain, regrouped in zip(seen[False], seen[True], strict=True):
+        assert sorted(s for b in plain for s in b) == sorted(s for b in regrouped for s in b)  # same sequences
+        assert [len(b) for b in plain] == [len(b) for b in regrouped]
+    longest = [[max(len(s) for s in b) for b in step] for step in seen[True]]
+    assert all(step == sorted(step) for step in longest)  # short pairs together, long pairs together
+    assert seen[True] != seen[False]
+
+
+DDP_SCRIPT = """
+import json, sys
+from pathlib import Path
+from omegaconf import OmegaConf
+from conftest import compose_config, TINY_OVERRIDES
+from sempa_exp import nli
+from sempa_exp.backbones import load_backbone
+from sempa_exp.schema import data_dir
+from sempa_exp.training import build_trainer, train_dataset
+root, cache, out = map(Path, sys.argv[1:4])
+cfg = OmegaConf.to_object(compose_config([*TINY_OVERRIDES, f"paths.cache_dir={cache}"], root))
+triplets, _ = nli.read_triplets(nli.resolve_source(cfg.data, data_dir(cfg)), cfg.data.max_sentence_chars)
+model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir)
+pairs = train_dataset(cfg, nli.subset(triplets, 32, 42))
+trainer = build_trainer(cfg, model, tokenizer, pairs, out / "ckpt", [], 2, True)
+rank = trainer.accelerator.process_index
+(out / f"rank{rank}.json").write_text(json.dumps({"events": trainer.data_cache.last_event,
+    "ref": list(trainer.train_dataset["ref_chosen_logps"])}))
+"""
+
+
+def test_two_processes_share_the_cache_without_deadlock(data_root, tmp_path):
+    """DDP: the main process fills the cache, the other reads it; a second job finds it warm on both ranks."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "build.py"
+    script.write_text(DDP_SCRIPT)
+    tests_dir = Path(__file__).parent
+    results = []
+    for attempt in ("cold", "warm"):
+        out = tmp_path / attempt
+        out.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(data_root), str(tmp_path / "cache"), str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": f"{tests_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        results.append([json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)])
+    cold, warm = results
+    assert cold[0]["events"] == {"tokenized": "built", "ref_logps": "built"}
+    assert cold[1]["events"]["tokenized"] == "hit"  # it waited for rank 0 and read its entry
+    assert all(r["events"] == {"tokenized": "hit", "ref_logps": "hit"} for r in warm)
+    assert cold[0]["ref"] == cold[1]["ref"] == warm[0]["ref"] == warm[1]["ref"]

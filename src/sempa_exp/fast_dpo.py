@@ -10,6 +10,10 @@
   with it, so a stale or foreign entry is detected row by row and recomputed, never silently used.
 * Reference log-probs are computed once, before training (TRL's ``precompute_ref_log_probs``), in length-sorted
   batches so little of the forward is spent on padding.
+* ``sort_within_step``: the micro-batches of one optimizer step (gradient accumulation) are regrouped by length; every
+  step sees the same pairs as with TRL, so its gradient is TRL's up to the order of a float sum.
+
+Under DDP the main process fills the cache first and the others then read it (TRL's own main-process-first order).
 """
 
 from __future__ import annotations
@@ -25,16 +29,19 @@ import tempfile
 import types
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from filelock import FileLock
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 from trl import DPOTrainer
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-from trl.trainer.utils import FusedCausalLMOutput
+from trl.trainer import dpo_trainer as trl_dpo_module
+from trl.trainer.utils import FusedCausalLMOutput, global_then_local_main_first
 
 from sempa_exp.backbones import backbone_fingerprint
 from sempa_exp.schema import Config
@@ -234,22 +241,55 @@ def install_completion_only_head(model: torch.nn.Module, outputs: tuple[str, ...
 
 
 # ------------------------------------------------------------------------------------------------------- the trainer
+# ------------------------------------------------------------------------------------------------------- the trainer
+
+
+def _uncollate(batch: dict) -> list[dict]:
+    """The preference examples back out of a DataCollatorForPreference batch ([chosen rows; rejected rows])."""
+    ids, attention, completion = batch["input_ids"].cpu(), batch["attention_mask"].cpu(), batch["completion_mask"].cpu()
+    n = ids.shape[0] // 2
+    examples = []
+    for i in range(n):
+        prompt = ids[i][(attention[i] == 1) & (completion[i] == 0)]
+        example = {"prompt_ids": prompt.tolist(), "chosen_ids": ids[i][completion[i] == 1].tolist(),
+                   "rejected_ids": ids[n + i][completion[n + i] == 1].tolist()}
+        for key in REF_COLUMNS:
+            if key in batch:
+                example[key] = batch[key][i].item()
+        examples.append(example)
+    return examples
 
 
 class SempaDPOTrainer(DPOTrainer):
     """DPOTrainer + the flags above. ``data_cache`` is used only together with TRL's ``precompute_ref_log_probs``
     for the reference log-probs; the tokenized pairs are cached whenever it is given."""
 
-    def __init__(self, *args, completion_only_logits: bool = False, data_cache: PreparedDataCache | None = None,
-                 add_length_column: bool = False, **kwargs) -> None:
+    def __init__(self, *positional, completion_only_logits: bool = False,
+                 data_cache: PreparedDataCache | None = None, add_length_column: bool = False,
+                 sort_within_step: bool = False, **kwargs) -> None:
         # Read by _prepare_dataset / _precompute_ref_logps, which DPOTrainer.__init__ calls
         self.completion_only_logits = completion_only_logits
+        self.sort_within_step = sort_within_step
         self.data_cache = data_cache
         self.add_length_column = add_length_column
         self._pair_hashes: np.ndarray | None = None
-        super().__init__(*args, **kwargs)
+        args = kwargs.get("args")  # the DPOConfig (by keyword, as build_trainer passes it)
+        # With the cache, the reference log-probs are ours to compute (below): TRL would first hash every weight of
+        # the model for its own cache key (a minute on a 7B model, every run).
+        precompute_here = data_cache is not None and args is not None and args.precompute_ref_log_probs
+        if precompute_here:
+            args.precompute_ref_log_probs = False
+        try:
+            super().__init__(*positional, **kwargs)
+        finally:
+            if precompute_here:
+                args.precompute_ref_log_probs = True
         if completion_only_logits:
             self._install_head()
+        if precompute_here:
+            self.precompute_ref_logps = True  # what DPOTrainer._compute_loss reads
+            self.train_dataset = self._precompute_ref_logps(
+                self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size)
 
     def _install_head(self) -> None:
         outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
@@ -258,17 +298,41 @@ class SempaDPOTrainer(DPOTrainer):
         model = self.accelerator.unwrap_model(self.model)
         install_completion_only_head(model.get_base_model() if hasattr(model, "get_base_model") else model, outputs)
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """With ``sort_within_step``, the pairs of one optimizer step are regrouped into micro-batches of similar
+        length: the same pairs per step (the data order at step level and the step's gradient are TRL's), less
+        padding. Needs gradient accumulation (more than one micro-batch per step) to do anything."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.sort_within_step and len(batches) > 1:
+            batches = self._regroup_by_length(batches)
+        return batches, num_items
+
+    def _regroup_by_length(self, batches: list[dict]) -> list[dict]:
+        sizes = [b["input_ids"].shape[0] // 2 for b in batches]  # pairs per micro-batch
+        examples = [ex for b in batches for ex in _uncollate(b)]
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]["prompt_ids"]) + max(
+            len(examples[i]["chosen_ids"]), len(examples[i]["rejected_ids"])))
+        device = batches[0]["input_ids"].device
+        regrouped, start = [], 0
+        for size in sizes:
+            collated = self.data_collator([examples[i] for i in order[start:start + size]])
+            regrouped.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collated.items()})
+            start += size
+        return regrouped
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        # Not under DDP: TRL tokenizes inside main_process_first, whose barrier rank 0 would reach while holding the
-        # cache's file lock that rank 1 is waiting for (a deadlock, seen with a cold cache on 2 gloo processes).
-        if self.data_cache is None or dataset_name != "train" or not isinstance(dataset, Dataset) \
-                or args.world_size > 1:
+        if self.data_cache is None or dataset_name != "train" or not isinstance(dataset, Dataset):
             prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         else:
             def tokenize(rows: Dataset) -> Dataset:
-                return super(SempaDPOTrainer, self)._prepare_dataset(rows, processing_class, args, dataset_name)
+                # TRL orders the processes (main first) with barriers; here that ordering is ours (below), and a
+                # barrier inside the cache's file lock would deadlock a multi-process run.
+                with mock.patch.object(trl_dpo_module, "global_then_local_main_first", contextlib.nullcontext):
+                    return super(SempaDPOTrainer, self)._prepare_dataset(rows, processing_class, args, dataset_name)
 
-            prepared, source_hashes = self.data_cache.tokenized(dataset, tokenize)
+            # The main process builds or extends the entry; the others then read it (a cache hit).
+            with global_then_local_main_first():
+                prepared, source_hashes = self.data_cache.tokenized(dataset, tokenize)
             self._pair_hashes = source_hashes[np.asarray(prepared[SOURCE_ROW], dtype=np.int64)]
         if self.add_length_column and dataset_name == "train" and LENGTH not in prepared.column_names:
             prepared = prepared.map(
@@ -288,6 +352,8 @@ class SempaDPOTrainer(DPOTrainer):
         with cache.lock if single_process else contextlib.nullcontext():
             stored = cache.read_ref()
             valid = 0 if stored is None else common_prefix(stored["row_hash"], hashes)
+            if not single_process:  # every process must take the same branch: the computation below is collective
+                valid = broadcast_object_list([valid])[0]
             if valid == len(hashes):
                 cache.last_event["ref_logps"] = "hit"
                 return self._add_ref_columns(dataset, stored["chosen"][:valid], stored["rejected"][:valid])

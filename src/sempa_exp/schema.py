@@ -124,6 +124,7 @@ class TrainerConfig:
     precompute_ref_logps: bool = True  # reference log-probs once, before training, not a second forward per step
     cache_prepared_data: bool = True  # tokenized pairs + reference log-probs under paths.cache_dir, shared by a sweep
     group_by_length: bool = False  # batches of similar length (less padding; a different data order)
+    sort_within_step: bool = True  # the micro-batches of one optimizer step regrouped by length (same pairs per step)
     temperature: float = 0.05  # method=contrastive: InfoNCE temperature (SimCSE's)
 
 

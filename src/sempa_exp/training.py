@@ -137,6 +137,7 @@ def build_trainer(cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedToke
         completion_only_logits=t.completion_only_logits,
         data_cache=prepared_data_cache(cfg, tokenizer, use_cpu) if t.cache_prepared_data else None,
         add_length_column=t.group_by_length,
+        sort_within_step=t.sort_within_step,
         model=model,
         ref_model=None,
         args=dpo_args(cfg, output_dir, world_size, use_cpu),
