@@ -11,8 +11,8 @@ The report finds them by name in the run directory (top level or one folder down
   ``aligned_tokens.json`` is a list of ``{"sentence", "aligned_tokens", "in_sentence"}``; also accepted: ``"tokens"``
   / ``"top_tokens"`` / ``"top10"`` for the tokens, an optional ``"stage"``, ``{"before"|"after"|<stage>: <list>}``,
   ``{"examples": <list>}`` and ``{sentence: [tokens]}``. Tokens may be strings, ``[token, score]`` pairs or
-  ``{"token": ...}`` objects. Without a stage, the run's method says which side it is: PromptEOL (and any untrained
-  method) = before training, SemPA = after.
+  ``{"token": ...}`` objects. Without a stage, the run's method says which side it is: PromptEOL = before training,
+  SemPA = after; other methods' tokens are not shown.
 
 A file that exists but cannot be read is reported as unreadable (with the reason), never silently dropped.
 """
@@ -168,8 +168,6 @@ def pca_panels(runs: list[RunRecord]) -> tuple[list[PcaPanel], list[str]]:
 
 BEFORE_STAGES = {"before", "untrained", "start", "base", "step 0"}
 AFTER_STAGES = {"after", "trained", "final"}
-UNTRAINED_METHODS = {"prompteol", "pretended_cot", "mean_pooling", "echo", "contrastive_prompting",
-                     "token_prepending"}
 
 
 @dataclass
@@ -190,9 +188,7 @@ class AlignedTokens:
             return "before"
         if stage in AFTER_STAGES:
             return "after"
-        if self.method == "sempa":
-            return "after"
-        return "before" if self.method in UNTRAINED_METHODS else ""
+        return {"sempa": "after", "prompteol": "before"}.get(self.method, "")
 
 
 def _token_text(token: Any) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -279,6 +280,11 @@ def gar_table(runs: list[RunRecord]) -> Table:
 EXAMPLE_SENTENCES = 3
 
 
+def token_list(tokens: list[str]) -> str:
+    """Tokens quoted, so leading spaces and whitespace-only tokens stay visible."""
+    return " ".join(json.dumps(t, ensure_ascii=False) for t in tokens)
+
+
 def aligned_tokens_table(entries: list[AlignedTokens], problems: list[str]) -> Table:
     """Per backbone, the first EXAMPLE_SENTENCES sentences with their top-10 tokens before and after training."""
     table = Table("aligned_tokens", "Top-10 aligned tokens of example sentences, before and after training",
@@ -293,8 +299,8 @@ def aligned_tokens_table(entries: list[AlignedTokens], problems: list[str]) -> T
         for sentence in chosen:
             sides = sentences[sentence]
             before, after = sides.get("before"), sides.get("after")
-            table.rows.append([backbone, sentence, before and " ".join(before.tokens),
-                               after and " ".join(after.tokens),
+            table.rows.append([backbone, sentence, before and token_list(before.tokens),
+                               after and token_list(after.tokens),
                                "; ".join(f"{k}: {v.run}" for k, v in sides.items())])
     unplaced = sum(1 for e in entries if not e.side)
     if unplaced:

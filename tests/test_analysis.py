@@ -91,6 +91,10 @@ def same_points(actual, expected) -> bool:
     return actual.shape == expected.shape and bool(np.allclose(actual, expected))
 
 
+def quoted(tokens: list[str]) -> str:
+    return " ".join(json.dumps(t, ensure_ascii=False) for t in tokens)
+
+
 def label(results: dict) -> str:
     return f"{results['group']}/{results['name']}"
 
@@ -246,8 +250,8 @@ def test_pca_figure_and_aligned_tokens_come_from_the_evaluations(sweep):
     assert len(rows) == 3
     for row, b, a in zip(rows, before, after, strict=False):
         assert row["sentence"] == b["sentence"] == a["sentence"]
-        assert row["before training (PromptEOL)"] == " ".join(b["aligned_tokens"])
-        assert row["after training (SemPA)"] == " ".join(a["aligned_tokens"])
+        assert row["before training (PromptEOL)"] == quoted(b["aligned_tokens"])
+        assert row["after training (SemPA)"] == quoted(a["aligned_tokens"])
 
 
 def test_bad_source_is_a_clear_error(tmp_path, capsys):
@@ -299,7 +303,7 @@ def test_other_pca_and_aligned_token_formats(tmp_path, sweep):
     assert sum(panels[0].explained) <= 1.0
     entries, problems = aligned_tokens(runs)
     table = aligned_tokens_table(entries, problems)
-    assert [row[1:4] for row in table.rows] == [["A man plays.", "man plays", "guitar music"]]
+    assert [row[1:4] for row in table.rows] == [["A man plays.", '"man" "plays"', '"guitar" "music"']]
     (run_dir / "pca.json").write_text("{not json")
     panels, problems = pca_panels(collect_local([run_dir]))
     assert any("pca.json" in p for p in problems)  # unreadable: reported, not dropped silently

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -221,8 +222,18 @@ def test_gen_eval_on_a_tiny_run_base_and_at_end(tmp_path):
     base_results = json.loads((tmp_path / "runs" / "base" / "tiny" / "results.json").read_text())
     assert base_results["status"] == "base" and "base" in base_results["generation"]
 
+    # a checkpoint: its own record, next to the final one
+    ckpt = gen_eval.run(compose_config([*common, f"gen.target={run_dir / 'checkpoints' / 'checkpoint-2'}"], root))
+    assert ckpt["model"]["step"] == 2
+    assert set(json.loads((run_dir / "results.json").read_text())["generation"]) == {"final", "checkpoint-2"}
+
     with pytest.raises(ConfigError, match="no trained adapter"):
         gen_eval.run(compose_config([*common, f"gen.target={tmp_path / 'data'}"], root))
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run_dir, unfinished, ignore=shutil.ignore_patterns("results.json"))
+    with pytest.raises(ConfigError, match="not a finished run"):
+        gen_eval.run(compose_config([*common, f"gen.target={unfinished}"], root))
+    assert not (unfinished / "results.json").exists()
 
 
 @pytest.mark.parametrize("override, key", [("gen.tasks=[gsm8k]", "gen.tasks"), ("gen.source=web", "gen.source"),

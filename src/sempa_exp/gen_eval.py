@@ -63,8 +63,10 @@ def resolve_target(target: str | None, runs_dir: str, backbone_name: str) -> Tar
             found = sorted((path / "checkpoints").glob("checkpoint-*"))
             hint = f"; pass a checkpoint instead, e.g. gen.target={found[-1]}" if found else ""
             raise ConfigError(f"gen.target {path} has no trained adapter/ (not a finished run?){hint}")
-        results = rundir.read_results(path) or {}
-        step = int(results.get("final_step", 0))
+        if not rundir.is_finished(path):
+            raise ConfigError(f"gen.target {path} is not a finished run (results.json status is not 'finished'); "
+                              f"wait for it, or pass one of its checkpoints/checkpoint-N")
+        step = int(rundir.read_results(path)["final_step"])
     config_file = run_dir / "config.json"
     if not config_file.exists():
         raise ConfigError(f"{run_dir} is not a run directory: no config.json")

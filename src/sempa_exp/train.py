@@ -263,6 +263,9 @@ class Run:
             "world_size": prep.world_size,
             "config": self.resolved,
         }
+        previous = rundir.read_results(prep.run_dir) or {}
+        if "generation" in previous:  # gen_eval records of checkpoints, written while the run was unfinished
+            results["generation"] = previous["generation"]
         rundir.write_json_atomic(prep.run_dir / rundir.RESULTS_FILE, results)
         return results
 
