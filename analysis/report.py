@@ -56,6 +56,7 @@ def build_report(runs: list[RunRecord], out: Path, *, sources: list[str] | None 
     t["main_sts"] = tables.main_sts_table(runs, paper)
     t["gain"] = tables.gain_table(runs, paper)
     t["templates"] = tables.template_table(runs)
+    t["templates_stsb_dev"] = tables.template_table(runs, "stsb_dev")
     t["geometry"] = tables.geometry_table(runs)
     t["gar"] = tables.gar_table(runs)
     t["aligned_tokens"] = tables.aligned_tokens_table(tokens, token_problems)
@@ -81,7 +82,7 @@ def build_report(runs: list[RunRecord], out: Path, *, sources: list[str] | None 
         Section("Runs", tables=[t["runs"]]),
         Section("Main STS results", tables=[t["main_sts"], t["gain"]]),
         Section("Training data size", figures=[f["data_size"]]),
-        Section("Paraphrase and embedding templates", tables=[t["templates"]]),
+        Section("Paraphrase and embedding templates", tables=[t["templates"], t["templates_stsb_dev"]]),
         Section("Uniformity and isotropy", tables=[t["geometry"]]),
         Section("Embedding space (PCA)", figures=[f["pca"]]),
         Section("Aligned tokens and GAR", tables=[t["gar"], t["aligned_tokens"]]),

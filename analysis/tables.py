@@ -150,8 +150,13 @@ def gain_table(runs: list[RunRecord], paper: list[PaperRow]) -> Table:
     return table
 
 
-def template_table(runs: list[RunRecord]) -> Table:
-    """Paraphrase template x embedding template, per sweep (run group) that varies them."""
+TEMPLATE_METRICS = {STS_AVG: ("templates", "7-task STS avg"), "stsb_dev": ("templates_stsb_dev", "STS-B dev")}
+
+
+def template_table(runs: list[RunRecord], metric: str = STS_AVG) -> Table:
+    """Paraphrase template x embedding template, per sweep (run group) that varies them. ``metric``: the 7-task
+    average (the paper's table) or STS-B dev (what a CPU-scale sweep that skips the 7-task pass has)."""
+    table_name, metric_label = TEMPLATE_METRICS[metric]
     training = [r for r in runs if r.is_sempa_training]
     groups: dict[tuple[str, str | None], list[RunRecord]] = defaultdict(list)
     for run in training:
@@ -162,21 +167,21 @@ def template_table(runs: list[RunRecord]) -> Table:
     columns = ["sweep", "backbone", "template"]
     for embed in embeds:
         columns += [f"{EMBED_LABELS.get(embed, embed)} avg", f"{EMBED_LABELS.get(embed, embed)} delta"]
-    table = Table("templates", "Paraphrase template x embedding template (7-task STS avg, delta = trained - "
-                               "untrained)", columns)
+    table = Table(table_name, f"Paraphrase template x embedding template ({metric_label}, delta = trained - "
+                              "untrained)", columns)
     for (group, backbone), members in sorted(sweeps.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         untrained = [group, backbone, "untrained (step 0)"]
         for embed in embeds:
-            starts = [v for r in members if r.embed == embed and (v := r.value("start", STS_AVG)) is not None]
+            starts = [v for r in members if r.embed == embed and (v := r.value("start", metric)) is not None]
             untrained += [mean(starts) if starts else None, None]
         table.rows.append(untrained)
         for template in sorted({r.template or "unknown" for r in members}):
             row = [group, backbone, template.upper()]
             for embed in embeds:
                 cell = [r for r in members if r.template == template and r.embed == embed]
-                finals = [v for r in cell if (v := r.value("final", STS_AVG)) is not None]
-                deltas = [f - s for r in cell if (f := r.value("final", STS_AVG)) is not None
-                          and (s := r.value("start", STS_AVG)) is not None]
+                finals = [v for r in cell if (v := r.value("final", metric)) is not None]
+                deltas = [f - s for r in cell if (f := r.value("final", metric)) is not None
+                          and (s := r.value("start", metric)) is not None]
                 row += [mean(finals) if finals else None, mean(deltas) if deltas else None]
                 if len(cell) > 1:
                     table.notes.append(f"{group} {template}/{embed}: mean of {len(cell)} runs")

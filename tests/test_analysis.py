@@ -103,7 +103,7 @@ def test_report_folder_has_page_tables_and_figures(sweep):
     out = sweep.full.out
     for name in ("index.html", "index.md", "dashboard.md"):
         assert (out / name).stat().st_size > 0
-    for table in ("runs", "main_sts", "gain", "templates", "geometry", "gar", "aligned_tokens"):
+    for table in ("runs", "main_sts", "gain", "templates", "templates_stsb_dev", "geometry", "gar", "aligned_tokens"):
         assert (out / "tables" / f"{table}.csv").exists() and (out / "tables" / f"{table}.md").exists()
     for figure in ("data_size", "training_curves", "pca"):
         for ext in ("png", "pdf", "csv"):
@@ -204,6 +204,11 @@ def test_template_and_runs_tables(sweep):
     assert num(row_p2["Pretended CoT avg"]) == pytest.approx(p2["final"]["eval/sts_avg"])
     assert row_p1["Pretended CoT avg"] == "" and row_p2["PromptEOL avg"] == ""  # not run: missing, not invented
     assert {r["sweep"] for r in templates} == {TEMPLATE_GROUP}  # the data-size sweep does not vary templates
+    by_dev = {r["template"]: r for r in read_csv(sweep.full.out / "tables" / "templates_stsb_dev.csv")}
+    assert num(by_dev["P1"]["PromptEOL avg"]) == pytest.approx(p1["final"]["eval/stsb_dev"])
+    assert num(by_dev["P2"]["Pretended CoT delta"]) == pytest.approx(
+        p2["final"]["eval/stsb_dev"] - p2["start"]["eval/stsb_dev"])
+    assert num(by_dev["untrained (step 0)"]["PromptEOL avg"]) == pytest.approx(p1["start"]["eval/stsb_dev"])
 
     runs = {r["run"]: r for r in read_csv(sweep.full.out / "tables" / "runs.csv")}
     assert runs[f"{DATA_GROUP}/killed"]["status"] == "unfinished"

@@ -101,3 +101,22 @@ def test_lora_layers_are_active_when_embedding(tiny):
     prompts = [embedding_prompt(PROMPTEOL.template, s, True) for s in SENTENCES]
     peft_model.eval()
     np.testing.assert_allclose(after, reference_last_token(peft_model, tokenizer, prompts), atol=1e-5, rtol=1e-4)
+
+
+def test_embedding_cache_round_trips_sentences_with_their_vectors(tmp_path):
+    from types import SimpleNamespace
+
+    from sempa_exp.evaluation import EmbeddingCache
+
+    key = {"backbone": "tiny", "embed": "prompteol"}
+    written = SimpleNamespace(memo={"a \"quoted\" one": np.array([1.0, 2.0], dtype=np.float32),
+                                    "é unicode": np.array([3.0, 4.0], dtype=np.float32), "": np.zeros(2, np.float32)})
+    EmbeddingCache(tmp_path, key).save_from(written)
+    assert [p.name for p in (tmp_path / "embeddings").rglob("*.tmp*")] == []  # nothing half-written left behind
+
+    read = SimpleNamespace(memo={})
+    assert EmbeddingCache(tmp_path, key).load_into(read) == 3
+    assert read.memo.keys() == written.memo.keys()
+    for sentence, vector in written.memo.items():
+        np.testing.assert_array_equal(read.memo[sentence], vector)
+    assert EmbeddingCache(tmp_path, {**key, "embed": "mean"}).load_into(SimpleNamespace(memo={})) == 0  # other key

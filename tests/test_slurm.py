@@ -186,13 +186,16 @@ def test_relaunch_of_a_finished_sweep_submits_nothing(finished_sweep, slurm_data
 
 def test_cancelled_run_is_reported_by_name_and_the_others_finish(tmp_path, slurm_data):
     runs_dir = tmp_path / "runs"
-    sweep = ["run.group=cancel", *LONG, "trainer.epochs=2", "trainer.learning_rate=1e-4,2e-4,3e-4"]  # 40 steps
+    # The victim (the 2nd run of the array) trains 30 epochs, so that on a fast machine it is still training when
+    # scancel reaches it; the other two train 2 and 3 epochs (40 and 60 steps).
+    sweep = ["run.group=cancel", *LONG, "trainer.epochs=2,30,3"]
     client = start_sweep(runs_dir, slurm_data, *sweep)
     second = None
     try:
         ids = wait_for(lambda: len(job_ids(runs_dir, "cancel")) == 3 and job_ids(runs_dir, "cancel"), 120,
                        "the sweep's submission")
         victim = next(name for name, job_id in ids.items() if job_id.endswith("_1"))  # the 2nd run of the array
+        assert "epochs=30" in victim, ids
         # A second launch while the jobs are queued or running (the first client lost, say) submits nothing again:
         # it waits for the jobs of the first one.
         second = start_sweep(runs_dir, slurm_data, *sweep)

@@ -21,7 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from sempa_exp import nli
 from sempa_exp.methods.base import left_pad, left_pad_mask, pool
 from sempa_exp.methods.prompt import PromptMethod
-from sempa_exp.schema import Config, EmbedConfig, checkpoint_every_steps
+from sempa_exp.schema import Config, EmbedConfig
+from sempa_exp.training import recipe_kwargs
 
 ROLES = ("anchor", "positive", "negative")
 
@@ -74,37 +75,8 @@ class InfoNCETrainer(Trainer):
 
 
 def contrastive_args(cfg: Config, output_dir: Path, world_size: int, use_cpu: bool) -> TrainingArguments:
-    """The SemPA recipe's optimisation and checkpointing (training.dpo_args), without the DPO-only settings."""
-    t = cfg.trainer
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        learning_rate=t.learning_rate,
-        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        lr_scheduler_type=t.lr_scheduler,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        per_device_train_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.grad_accum_steps,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        bf16=t.bf16,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        save_strategy="steps",
-        save_steps=checkpoint_every_steps(t, world_size),
-        save_total_limit=t.save_total_limit,
-        save_only_model=False,
-        logging_steps=t.log_every_steps,
-        logging_first_step=True,
-        report_to="none",
-        gradient_checkpointing=t.gradient_checkpointing,
-        use_cpu=use_cpu,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        ddp_find_unused_parameters=False,
-        ddp_backend="gloo" if use_cpu and world_size > 1 else None,
-    )
+    """The SemPA recipe's optimisation and checkpointing (training.recipe_kwargs), without the DPO-only settings."""
+    return TrainingArguments(**recipe_kwargs(cfg, output_dir, world_size, use_cpu))
 
 
 def build_contrastive_trainer(cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

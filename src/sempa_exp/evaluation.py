@@ -119,11 +119,11 @@ class EmbeddingCache:
         self.key_parts = key_parts
 
     def load_into(self, encoder: SentenceEncoder) -> int:
-        sentences_file, vectors_file = self.folder / "sentences.json", self.folder / "vectors.npy"
-        if not (sentences_file.exists() and vectors_file.exists()):
+        cache_file = self.folder / "embeddings.npz"
+        if not cache_file.exists():
             return 0
-        sentences = json.loads(sentences_file.read_text())
-        vectors = np.load(vectors_file)
+        with np.load(cache_file, allow_pickle=False) as stored:
+            sentences, vectors = json.loads(stored["sentences_json"].tobytes()), stored["vectors"]
         if len(sentences) != len(vectors):
             log.warning("ignoring inconsistent embedding cache %s", self.folder)
             return 0
@@ -133,11 +133,11 @@ class EmbeddingCache:
     def save_from(self, encoder: SentenceEncoder) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         sentences = list(encoder.memo)
-        # Per-process temporary names: the runs of a sweep (on several nodes) share this cache and may save it at once.
-        writer = f"{os.uname().nodename}.{os.getpid()}"
-        tmp_s, tmp_v = self.folder / f"sentences.{writer}.tmp.json", self.folder / f"vectors.{writer}.tmp.npy"
-        tmp_s.write_text(json.dumps(sentences))
-        np.save(tmp_v, np.stack([encoder.memo[s] for s in sentences]))
+        # Sentences and vectors in one file replaced atomically: the runs of a sweep (on several nodes) share this
+        # cache and may save it at once; per-process temporary names keep their writes apart.
+        tmp = self.folder / f"embeddings.{os.uname().nodename}.{os.getpid()}.tmp.npz"
+        with open(tmp, "wb") as f:
+            np.savez(f, sentences_json=np.frombuffer(json.dumps(sentences).encode(), dtype=np.uint8),
+                     vectors=np.stack([encoder.memo[s] for s in sentences]))
         (self.folder / "key.json").write_text(json.dumps(self.key_parts, indent=1, sort_keys=True))
-        os.replace(tmp_v, self.folder / "vectors.npy")
-        os.replace(tmp_s, self.folder / "sentences.json")
+        os.replace(tmp, self.folder / "embeddings.npz")

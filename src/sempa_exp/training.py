@@ -32,12 +32,12 @@ def peft_config(cfg: Config) -> PeftLoraConfig:
                           target_modules=cfg.lora.target_modules, bias="none", task_type="CAUSAL_LM")
 
 
-def dpo_args(cfg: Config, output_dir: Path, world_size: int, use_cpu: bool) -> DPOConfig:
+def recipe_kwargs(cfg: Config, output_dir: Path, world_size: int, use_cpu: bool) -> dict:
+    """The recipe's optimisation, checkpointing, logging and DDP settings, as TrainingArguments keywords: shared by the
+    DPO trainer and the contrastive foil, so both train under the same schedule and fault handling."""
     t = cfg.trainer
-    return DPOConfig(
+    return dict(
         output_dir=str(output_dir),
-        beta=t.beta,
-        loss_type=[t.loss_type],
         learning_rate=t.learning_rate,
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type=t.lr_scheduler,
@@ -49,7 +49,6 @@ def dpo_args(cfg: Config, output_dir: Path, world_size: int, use_cpu: bool) -> D
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         bf16=t.bf16,
-        max_length=t.max_length,
         seed=cfg.seed,
         data_seed=cfg.seed,
         save_strategy="steps",
@@ -61,9 +60,6 @@ def dpo_args(cfg: Config, output_dir: Path, world_size: int, use_cpu: bool) -> D
         logging_nan_inf_filter=False,  # HF would log a NaN/inf loss as the running mean; MetricsCallback must see it
         report_to="none",
         gradient_checkpointing=t.gradient_checkpointing,
-        disable_dropout=t.disable_dropout,
-        precompute_ref_log_probs=t.precompute_ref_logps,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         use_cpu=use_cpu,
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -71,6 +67,19 @@ def dpo_args(cfg: Config, output_dir: Path, world_size: int, use_cpu: bool) -> D
         ddp_backend="gloo" if use_cpu and world_size > 1 else None,
         # Rank 0 evaluates each checkpoint while the other ranks wait in the next collective (HF default: 30 min).
         ddp_timeout=DDP_TIMEOUT_S,
+    )
+
+
+def dpo_args(cfg: Config, output_dir: Path, world_size: int, use_cpu: bool) -> DPOConfig:
+    t = cfg.trainer
+    return DPOConfig(
+        **recipe_kwargs(cfg, output_dir, world_size, use_cpu),
+        beta=t.beta,
+        loss_type=[t.loss_type],
+        max_length=t.max_length,
+        disable_dropout=t.disable_dropout,
+        precompute_ref_log_probs=t.precompute_ref_logps,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
     )
 
 
