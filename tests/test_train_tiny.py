@@ -28,3 +28,21 @@ def test_tiny_run_trains_checkpoints_and_evaluates(tiny_cfg):
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["final"] == results["final"]
     assert saved["versions"]["trl"] and saved["data"]["sha256"]
+
+
+def test_end_of_training_evaluation_reuses_the_last_checkpoints_embeddings(tiny_cfg, monkeypatch):
+    """The final step is also a checkpoint: its STS-B dev sentences (which hold the geometry sample) are embedded once
+    for both evaluations of that step, with the same weights."""
+    embedded: list[list[str]] = []
+    original = train.SentenceEncoder._embed
+
+    def counting(self, sentences):
+        embedded.append(list(sentences))
+        return original(self, sentences)
+
+    monkeypatch.setattr(train.SentenceEncoder, "_embed", counting)
+    results = train.run(tiny_cfg("eval.at_start=[]", "eval.at_checkpoint=[stsb_dev]", "eval.at_end=[geometry]"))
+    assert results["final_step"] == 4
+    final = results["final"]
+    assert {"eval/stsb_dev", "eval/uniformity"} <= set(final)
+    assert len(embedded) == 2  # the stsb_dev evaluations of steps 2 and 4; geometry at step 4 embedded nothing new

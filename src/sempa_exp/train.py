@@ -112,6 +112,7 @@ class Run:
         self.is_main = prep.rank == 0
         self.device = self._device()
         self.evaluated: dict[int, set[str]] = {}
+        self._step_encoder: tuple[int, SentenceEncoder] | None = None
 
     def _device(self) -> torch.device:
         want = self.cfg.run.device
@@ -125,12 +126,20 @@ class Run:
         e = self.cfg.eval
         return SentenceEncoder(model, self.tokenizer, self.cfg.embed, batch_size=e.batch_size, max_length=e.max_length)
 
+    def encoder_for_step(self, step: int) -> SentenceEncoder:
+        """One encoder (and its memo of embedded sentences) per training step: the last checkpoint's evaluation and
+        the end-of-training one see the same weights, so sentences embedded by the first (STS-B dev, which holds the
+        geometry sample) are not embedded again by the second."""
+        if self._step_encoder is None or self._step_encoder[0] != step:
+            self._step_encoder = (step, self.encoder(self.trainer.model))
+        return self._step_encoder[1]
+
     def evaluate_step(self, step: int, suites: list[str], *, untrained: bool = False) -> dict[str, float]:
         todo = [s for s in suites if s not in self.evaluated.get(step, set())]
         if not todo or not self.is_main:
             return {}
         started = time.time()
-        encoder = self.encoder(self.trainer.model)
+        encoder = self.encoder_for_step(step)
         cache = None
         if untrained and self.cfg.eval.cache_embeddings:
             cache = EmbeddingCache(self.cfg.paths.cache_dir, {
