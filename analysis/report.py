@@ -60,6 +60,7 @@ def build_report(runs: list[RunRecord], out: Path, *, sources: list[str] | None 
     t["geometry"] = tables.geometry_table(runs)
     t["gar"] = tables.gar_table(runs)
     t["aligned_tokens"] = tables.aligned_tokens_table(tokens, token_problems)
+    t["generation"] = tables.generation_table(runs)
     f = report.figures
     f["data_size"] = figures.data_size_figure(runs, paper)
     f["pca"] = figures.pca_figure(pca_panels, pca_problems)
@@ -87,6 +88,7 @@ def build_report(runs: list[RunRecord], out: Path, *, sources: list[str] | None 
         Section("Embedding space (PCA)", figures=[f["pca"]]),
         Section("Aligned tokens and GAR", tables=[t["gar"], t["aligned_tokens"]]),
         Section("Training curves", figures=[f["training_curves"]]),
+        Section("Generation capability", tables=[t["generation"]]),
         Section("W&B dashboard", text=dash_text),
     ]
     report.pages = write_page("SemPA reproduction report", intro, sections, out)

@@ -97,6 +97,7 @@ class RunRecord:
     run_dir: Path | None = None
     origin: str = ""  # where it was read from: a local path or a W&B run path
     config: dict[str, Any] = field(default_factory=dict)
+    generation: dict[str, Any] = field(default_factory=dict)  # results.json "generation": label -> lm-eval record
 
     @property
     def label(self) -> str:
@@ -162,7 +163,7 @@ def load_run(run_dir: Path) -> RunRecord:
             final_step=results.get("final_step"), start=results.get("start") or {},
             final=(results.get("final") or {}) if results.get("status") == "finished" else {},
             evaluations=results.get("evaluations") or evaluations_from_rows(rows), train_rows=train_rows_from(rows),
-            run_dir=run_dir, origin=str(run_dir), config=config)
+            run_dir=run_dir, origin=str(run_dir), config=config, generation=results.get("generation") or {})
     config = _read_json(run_dir / "config.json") or {}
     evaluations = evaluations_from_rows(rows)
     last = max((r for r in rows if "step" in r), key=lambda r: r["step"], default=None)

@@ -315,3 +315,61 @@ def aligned_tokens_table(entries: list[AlignedTokens], problems: list[str]) -> T
                            "sempa_exp.evaluate writes it for PromptEOL (before) and method=checkpoint (after).")
     table.notes += problems
     return table
+
+
+GEN_ROWS = (("base", "base", "untrained backbone"), ("sempa", "final", "SemPA"),
+            ("contrastive", "final", "Contrastive fine-tuning (foil)"))
+
+
+def generation_table(runs: list[RunRecord]) -> Table:
+    """lm-eval benchmarks (python -m sempa_exp.gen_eval) per backbone: the untrained backbone, SemPA and the
+    contrastive foil, with deltas to the untrained one, beside the paper's LLaMA3-8B averages."""
+    from sempa_exp.gen_report import PAPER_AVERAGES, TASK_LABELS
+
+    tasks = list(TASK_LABELS)
+    columns = ["backbone", "model", "source", *(TASK_LABELS[t] for t in tasks), "avg", "avg delta", "ppl_nli",
+               "logp_margin"]
+    table = Table("generation", "Generation capability (lm-evaluation-harness, scores in %)", columns,
+                  decimals={"ppl_nli": 2, "logp_margin": 3})
+    with_gen = [r for r in runs if r.generation]
+    for backbone in sorted({r.backbone or "unknown" for r in with_gen}):
+        mine = [r for r in with_gen if (r.backbone or "unknown") == backbone]
+        found: list[tuple[str, RunRecord | None, dict | None]] = []
+        for method, label, name in GEN_ROWS:
+            candidates = [r for r in mine if label in r.generation and (method == "base" or r.method == method)]
+            run = pick(candidates)
+            found.append((name, run, run.generation[label] if run else None))
+        present = [rec for _, _, rec in found if rec]
+        common = [t for t in tasks if present and all(_gen_score(rec, t) is not None for rec in present)]
+        base_avg = None
+        for i, (name, run, rec) in enumerate(found):
+            scores = [_gen_score(rec, t) for t in tasks]
+            avg = sum(_gen_score(rec, t) for t in common) / len(common) if rec and common else None
+            if i == 0:
+                base_avg = avg
+            proxy = (rec or {}).get("proxy", {})
+            table.rows.append([backbone, name, run.label if run else None, *scores, avg,
+                               avg - base_avg if avg is not None and base_avg is not None and i else None,
+                               proxy.get("ppl_nli"), proxy.get("logp_margin")])
+        table.notes.append(f"{backbone}: avg over the tasks every row has ({', '.join(common) or 'none'}); "
+                           + "; ".join(_gen_counts(name, rec) for name, _, rec in found if rec))
+    paper = PAPER_AVERAGES
+    for key, name in (("base", "untrained backbone"), ("sempa", "SemPA"), ("contrastive", "Contrastive fine-tuning")):
+        table.rows.append([paper["backbone"], name, "paper", *([None] * len(tasks)), paper[key],
+                           paper[key] - paper["base"] if key != "base" else None, None, None])
+    table.notes.append("Paper rows: the SemPA paper's generation table, LLaMA3-8B, average of the five tasks "
+                       "(per-task values not restated). 'missing': the task was not run or had no data "
+                       "(unavailable tasks are never scored).")
+    if not with_gen:
+        table.notes.append("No run has generation results: python -m sempa_exp.gen_eval [gen.target=RUN_DIR].")
+    return table
+
+
+def _gen_score(record: dict | None, task: str) -> float | None:
+    task_record = (record or {}).get("tasks", {}).get(task, {})
+    return task_record.get("score") if task_record.get("status") == "ok" else None
+
+
+def _gen_counts(name: str, record: dict) -> str:
+    done = [f"{t} n={r['n']}" for t, r in record.get("tasks", {}).items() if r.get("status") == "ok"]
+    return f"{name}: " + ", ".join(done)

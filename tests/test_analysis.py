@@ -321,3 +321,30 @@ def test_paper_rows_are_consistent_and_sourced():
         assert row.source
         tasks = [row.scores[t] for t in STS_TASKS]
         assert np.mean(tasks) == pytest.approx(row.scores[STS_AVG], abs=0.006)  # transcription check
+
+
+def test_generation_table_takes_base_sempa_and_foil_records_with_deltas():
+    from analysis.runs import RunRecord
+    from analysis.tables import generation_table
+
+    def record(mmlu: float, tqa: float | None, ppl: float) -> dict:
+        tasks = {"mmlu": {"status": "ok", "score": mmlu, "n": 57, "n_total": 14042},
+                 "hellaswag": {"status": "unavailable", "reason": "no local data"}}
+        if tqa is not None:
+            tasks["truthfulqa_mc1"] = {"status": "ok", "score": tqa, "n": 5, "n_total": 817}
+        return {"tasks": tasks, "proxy": {"ppl_nli": ppl, "logp_margin": 0.5}}
+
+    runs = [RunRecord("base", "tiny", "finished", "base", backbone="tiny", generation={"base": record(25, 40, 100)}),
+            RunRecord("smoke", "a", "finished", "sempa", backbone="tiny", generation={"final": record(27, 20, 110)}),
+            RunRecord("cl", "b", "finished", "contrastive", backbone="tiny",
+                      generation={"final": record(21, None, 300)}),
+            RunRecord("smoke", "no_gen", "finished", "sempa", backbone="tiny")]
+    rows = {r["model"]: r for r in generation_table(runs).records() if r["backbone"] == "tiny"}
+    base, sempa, foil = rows["untrained backbone"], rows["SemPA"], rows["Contrastive fine-tuning (foil)"]
+    assert sempa["source"] == "smoke/a" and foil["source"] == "cl/b"
+    assert base["HellaSwag 0-shot"] is None  # unavailable: never scored
+    # the average covers only the tasks every row has (the foil has no TruthfulQA): MMLU alone
+    assert base["avg"] == 25 and sempa["avg"] == 27 and foil["avg"] == 21
+    assert sempa["avg delta"] == 2 and foil["avg delta"] == -4 and base["avg delta"] is None
+    assert sempa["TruthfulQA MC1 0-shot"] == 20 and foil["TruthfulQA MC1 0-shot"] is None
+    assert foil["ppl_nli"] == 300

@@ -2,7 +2,8 @@
 
 ``python -m sempa_exp.gen_report base=RUNS/base/smollm2_135m sempa=RUNS/smoke/default contrastive=RUNS/...``
 prints a Markdown table from the ``generation`` records of those results files (``name=path[@label]``; the label
-defaults to ``final``, else ``base``, else the newest record). The analysis report calls :func:`generation_table`.
+defaults to ``final``, else ``base``, else the newest record). The analysis report builds the same table from its
+runs (analysis.tables.generation_table).
 """
 
 from __future__ import annotations
