@@ -120,3 +120,16 @@ def test_embedding_cache_round_trips_sentences_with_their_vectors(tmp_path):
     for sentence, vector in written.memo.items():
         np.testing.assert_array_equal(read.memo[sentence], vector)
     assert EmbeddingCache(tmp_path, {**key, "embed": "mean"}).load_into(SimpleNamespace(memo={})) == 0  # other key
+
+
+def test_a_damaged_embedding_cache_is_ignored_not_fatal(tmp_path):
+    from types import SimpleNamespace
+
+    from sempa_exp.evaluation import EmbeddingCache
+
+    cache = EmbeddingCache(tmp_path, {"backbone": "tiny"})
+    cache.save_from(SimpleNamespace(memo={"a": np.ones(2, np.float32)}))
+    stored = cache.folder / "embeddings.npz"
+    stored.write_bytes(stored.read_bytes()[:40])  # truncated, e.g. a full disk
+    read = SimpleNamespace(memo={})
+    assert cache.load_into(read) == 0 and read.memo == {}

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,8 +123,12 @@ class EmbeddingCache:
         cache_file = self.folder / "embeddings.npz"
         if not cache_file.exists():
             return 0
-        with np.load(cache_file, allow_pickle=False) as stored:
-            sentences, vectors = json.loads(stored["sentences_json"].tobytes()), stored["vectors"]
+        try:
+            with np.load(cache_file, allow_pickle=False) as stored:
+                sentences, vectors = json.loads(stored["sentences_json"].tobytes()), stored["vectors"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # a damaged file is recomputed, not fatal
+            log.warning("ignoring unreadable embedding cache %s (%s)", cache_file, exc)
+            return 0
         if len(sentences) != len(vectors):
             log.warning("ignoring inconsistent embedding cache %s", self.folder)
             return 0
