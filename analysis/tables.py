@@ -324,7 +324,7 @@ GEN_ROWS = (("base", "base", "untrained backbone"), ("sempa", "final", "SemPA"),
 def generation_table(runs: list[RunRecord]) -> Table:
     """lm-eval benchmarks (python -m sempa_exp.gen_eval) per backbone: the untrained backbone, SemPA and the
     contrastive foil, with deltas to the untrained one, beside the paper's LLaMA3-8B averages."""
-    from sempa_exp.gen_report import PAPER_AVERAGES, TASK_LABELS
+    from sempa_exp.gen_report import PAPER_AVERAGES, TASK_LABELS, common_average, common_tasks, task_score
 
     tasks = list(TASK_LABELS)
     columns = ["backbone", "model", "source", *(TASK_LABELS[t] for t in tasks), "avg", "avg delta", "ppl_nli",
@@ -339,14 +339,11 @@ def generation_table(runs: list[RunRecord]) -> Table:
             candidates = [r for r in mine if label in r.generation and (method == "base" or r.method == method)]
             run = pick(candidates)
             found.append((name, run, run.generation[label] if run else None))
-        present = [rec for _, _, rec in found if rec]
-        common = [t for t in tasks if present and all(_gen_score(rec, t) is not None for rec in present)]
-        base_avg = None
+        common = common_tasks([rec for _, _, rec in found])
+        base_avg = common_average(found[0][2], common)
         for i, (name, run, rec) in enumerate(found):
-            scores = [_gen_score(rec, t) for t in tasks]
-            avg = sum(_gen_score(rec, t) for t in common) / len(common) if rec and common else None
-            if i == 0:
-                base_avg = avg
+            scores = [task_score(rec, t) for t in tasks]
+            avg = common_average(rec, common)
             proxy = (rec or {}).get("proxy", {})
             table.rows.append([backbone, name, run.label if run else None, *scores, avg,
                                avg - base_avg if avg is not None and base_avg is not None and i else None,
@@ -363,11 +360,6 @@ def generation_table(runs: list[RunRecord]) -> Table:
     if not with_gen:
         table.notes.append("No run has generation results: python -m sempa_exp.gen_eval [gen.target=RUN_DIR].")
     return table
-
-
-def _gen_score(record: dict | None, task: str) -> float | None:
-    task_record = (record or {}).get("tasks", {}).get(task, {})
-    return task_record.get("score") if task_record.get("status") == "ok" else None
 
 
 def _gen_counts(name: str, record: dict) -> str:

@@ -48,9 +48,20 @@ def load_record(path: str | Path, label: str | None = None) -> tuple[dict[str, A
     return generation[label], label
 
 
-def _score(record: dict | None, task: str) -> float | None:
+def task_score(record: dict | None, task: str) -> float | None:
+    """A task's headline score in a generation record; None when the task was not run, failed or was unavailable."""
     r = (record or {}).get("tasks", {}).get(task, {})
     return r.get("score") if r.get("status") == "ok" else None
+
+
+def common_tasks(records: list[dict | None]) -> list[str]:
+    """The benchmarks every present record scored: the rows of one table are averaged over these only."""
+    present = [r for r in records if r is not None]
+    return [t for t in BENCHMARKS if present and all(task_score(r, t) is not None for r in present)]
+
+
+def common_average(record: dict | None, common: list[str]) -> float | None:
+    return sum(task_score(record, t) for t in common) / len(common) if record is not None and common else None
 
 
 def _cell(record: dict | None, task: str, base: dict | None, is_base: bool) -> str:
@@ -62,7 +73,7 @@ def _cell(record: dict | None, task: str, base: dict | None, is_base: bool) -> s
     if r.get("status") != "ok":
         return r.get("status", "?")
     text = f"{r['score']:.2f}"
-    b = _score(base, task)
+    b = task_score(base, task)
     if not is_base and b is not None:
         text += f" ({r['score'] - b:+.2f})"
     return text
@@ -76,16 +87,15 @@ def generation_table(entries: list[tuple[str, dict | None]], base_name: str = "b
     """A Markdown table; ``entries`` are (row name, generation record or None when that model is missing)."""
     records = dict(entries)
     base = records.get(base_name)
-    present = [r for r in records.values() if r is not None]
-    common = [t for t in BENCHMARKS if present and all(_score(r, t) is not None for r in present)]
+    common = common_tasks(list(records.values()))
     head = ["model", *(TASK_LABELS[t] for t in BENCHMARKS), f"avg ({len(common)} common tasks)", *PROXY_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base_avg = sum(_score(base, t) for t in common) / len(common) if base and common else None
+    base_avg = common_average(base, common)
     for name, record in entries:
         is_base = name == base_name
         cells = [_cell(record, t, base, is_base) for t in BENCHMARKS]
         if record is not None and common:
-            avg = sum(_score(record, t) for t in common) / len(common)
+            avg = common_average(record, common)
             cells.append(f"{avg:.2f}" + ("" if is_base or base_avg is None else f" ({avg - base_avg:+.2f})"))
         else:
             cells.append("-")
