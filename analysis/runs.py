@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sempa_exp.rundir import RESULTS_FILE
+from sempa_exp.rundir import GENERATION_ONLY_STATUS, RESULTS_FILE
 from sempa_exp.sts import SHORT_NAMES
 from sempa_exp.tracking import METRICS_FILE, read_metrics
 
@@ -83,7 +83,9 @@ class RunRecord:
     name: str
     status: str  # "finished", or why not: "unfinished", "crashed", "running" ...
     method: str  # a METHOD_LABELS key (or the raw name of a method the report does not know)
-    kind: str = "training"  # or "evaluation" (python -m sempa_exp.evaluate: one evaluation, no training)
+    # "training", "evaluation" (python -m sempa_exp.evaluate: one evaluation, no training) or "generation"
+    # (sempa_exp.gen_eval on an untrained backbone: generation scores only, no STS by design)
+    kind: str = "training"
     backbone: str | None = None
     template: str | None = None
     embed: str | None = None
@@ -148,6 +150,12 @@ def train_rows_from(rows: Iterable[dict]) -> list[dict]:
     return [r for r in rows if any(k.startswith("train/") for k in r)]
 
 
+def _kind_of_results(results: dict) -> str:
+    if results.get("kind") == "evaluation":
+        return "evaluation"
+    return "generation" if results.get("status") == GENERATION_ONLY_STATUS else "training"
+
+
 def load_run(run_dir: Path) -> RunRecord:
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
@@ -157,7 +165,7 @@ def load_run(run_dir: Path) -> RunRecord:
         return RunRecord(
             group=results.get("group") or run_dir.parent.name, name=results.get("name") or run_dir.name,
             status=results.get("status") or "unfinished", method=method_of_results(results),
-            kind="evaluation" if results.get("kind") == "evaluation" else "training",
+            kind=_kind_of_results(results),
             backbone=results.get("backbone"), template=results.get("template"), embed=results.get("embed"),
             data_size=results.get("data_size"), samples_seen=results.get("samples_seen"),
             final_step=results.get("final_step"), start=results.get("start") or {},

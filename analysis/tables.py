@@ -55,24 +55,33 @@ def run_scores(run: RunRecord) -> dict[str, float | None]:
     return {task: run.value(stage, task) for task in (*STS_TASKS, STS_AVG)}
 
 
+def _missing_in(run: RunRecord) -> list[str]:
+    if run.kind == "generation":
+        return []  # a generation-only record has no STS evaluation to miss
+    steps = [e["step"] for e in run.evaluations]
+    missing = [] if run.finished else [f"{run.status}: no final results"]
+    if run.is_training and run.value("start", STS_AVG) is None:
+        missing.append("step-0 STS")
+    if run.finished and run.value("final", STS_AVG) is None:
+        missing.append("final STS")
+    if run.is_training and run.finished and not [s for s in steps if 0 < s < (run.final_step or 0)]:
+        missing.append("checkpoint evaluations")
+    return missing
+
+
 def runs_overview(runs: list[RunRecord]) -> Table:
     table = Table("runs", "Runs in this report", ["run", "status", "method", "backbone", "template", "embed",
                                                    "data_size", "samples_seen", "evaluated_steps", "missing"])
     for run in sorted(runs, key=lambda r: r.label):
-        steps = [e["step"] for e in run.evaluations]
-        missing = []
-        if not run.finished:
-            missing.append(f"{run.status}: no final results")
-        if run.is_training and run.value("start", STS_AVG) is None:
-            missing.append("step-0 STS")
-        if run.finished and run.value("final", STS_AVG) is None:
-            missing.append("final STS")
-        if run.is_training and run.finished and not [s for s in steps if 0 < s < (run.final_step or 0)]:
-            missing.append("checkpoint evaluations")
-        table.rows.append([run.label, run.status, f"{method_label(run.method)} ({run.kind})", run.backbone,
-                           run.template if run.is_training else NOT_APPLICABLE, run.embed,
-                           run.data_size, run.samples_seen, ", ".join(map(str, steps)) or None,
-                           "; ".join(missing) or "-"])
+        training_only = {"template": run.template, "data_size": run.data_size, "samples_seen": run.samples_seen,
+                         "evaluated_steps": ", ".join(str(e["step"]) for e in run.evaluations) or None}
+        if not run.is_training:  # these columns describe training; '-' rather than 'missing' for other records
+            training_only = dict.fromkeys(training_only, NOT_APPLICABLE)
+        table.rows.append([run.label, run.status, f"{method_label(run.method)} ({run.kind})",
+                           run.backbone or (NOT_APPLICABLE if run.kind == "evaluation" else None),
+                           training_only["template"], run.embed or (None if run.is_training else NOT_APPLICABLE),
+                           training_only["data_size"], training_only["samples_seen"], training_only["evaluated_steps"],
+                           "; ".join(_missing_in(run)) or "-"])
     return table
 
 
@@ -96,6 +105,8 @@ def main_sts_table(runs: list[RunRecord], paper: list[PaperRow]) -> Table:
     table = Table("main_sts", "Main STS table (Spearman x 100)", columns)
     rows: dict[str, list[tuple[int, int, list]]] = defaultdict(list)  # backbone -> (method order, 0 repro/1 paper, row)
     for run in runs:
+        if run.kind == "generation":
+            continue
         scores = run_scores(run)
         status = "" if run.finished else f" ({run.status})"
         backbone = run.backbone or NO_BACKBONE

@@ -348,3 +348,22 @@ def test_generation_table_takes_base_sempa_and_foil_records_with_deltas():
     assert sempa["avg delta"] == 2 and foil["avg delta"] == -4 and base["avg delta"] is None
     assert sempa["TruthfulQA MC1 0-shot"] == 20 and foil["TruthfulQA MC1 0-shot"] is None
     assert foil["ppl_nli"] == 300
+
+
+def test_generation_only_record_stays_out_of_the_sts_tables(tmp_path, sweep):
+    from analysis.tables import main_sts_table, runs_overview
+    from sempa_exp.rundir import GENERATION_ONLY_STATUS, RESULTS_FILE
+
+    run_dir = tmp_path / "base" / "tiny"
+    run_dir.mkdir(parents=True)
+    generation = {"base": {"tasks": {"mmlu": {"status": "ok", "score": 25.0, "n": 57}}}}
+    (run_dir / RESULTS_FILE).write_text(json.dumps({"status": GENERATION_ONLY_STATUS, "group": "base", "name": "tiny",
+                                                     "method": "base", "backbone": "tiny", "generation": generation}))
+    base = load_run(run_dir)
+    assert base.kind == "generation" and base.generation == generation
+    runs = [base, load_run(Path(sweep.results["eval_sempa"]["run_dir"]))]
+    assert [r["source"] for r in main_sts_table(runs, []).records()] == [f"run {label(sweep.results['eval_sempa'])}"]
+    rows = {r["run"]: r for r in runs_overview(runs).records()}
+    assert rows["base/tiny"]["missing"] == "-" and rows["base/tiny"]["data_size"] == "-"
+    evaluation = rows[label(sweep.results["eval_sempa"])]
+    assert evaluation["missing"] == "-" and evaluation["samples_seen"] == "-" and evaluation["template"] == "-"

@@ -136,8 +136,9 @@ def run(cfg: DictConfig) -> dict:
     log.info("generation evaluation of %s (%s) -> %s", target.label, info, target.run_dir)
     record = evaluate_generation(model, tokenizer, config.gen, root, proxy, info)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    base = {"status": "base", "run_dir": str(target.run_dir), "group": BASE_GROUP, "name": target.run_dir.name,
-            "method": "base", "backbone": config.backbone.name, "versions": rundir.library_versions(),
+    base = {"status": rundir.GENERATION_ONLY_STATUS, "run_dir": str(target.run_dir), "group": BASE_GROUP,
+            "name": target.run_dir.name, "method": "base", "backbone": config.backbone.name,
+            "versions": rundir.library_versions(),
             "git_commit": rundir.git_commit(), "config": resolved}
     path = store_generation(target.run_dir, target.label, record, base=base)
     group = (target.saved or {}).get("run", {}).get("group", BASE_GROUP)

@@ -13,6 +13,8 @@ from typing import Any
 
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.yaml"
+# results.json status of gen_eval's record of an untrained backbone: generation scores only, never trained
+GENERATION_ONLY_STATUS = "base"
 KEY_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "hydra-core", "wandb", "numpy",
                  "scipy")
 
