@@ -117,6 +117,12 @@ class RunRecord:
     def is_sempa_training(self) -> bool:
         return self.kind == "training" and self.method == "sempa"
 
+    @property
+    def sts_planned(self) -> bool:
+        """False when the run's config asks for no 7-task STS pass at the end (e.g. a sweep scored on STS-B dev)."""
+        at_end = (self.config.get("eval") or {}).get("at_end")
+        return not isinstance(at_end, list) or "sts" in at_end
+
     def value(self, stage: str, name: str) -> float | None:
         """A metric of the run at ``stage`` ('start' = step 0, 'final'); None when that evaluation is missing."""
         value = getattr(self, stage).get(metric_key(name))

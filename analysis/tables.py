@@ -104,8 +104,9 @@ def main_sts_table(runs: list[RunRecord], paper: list[PaperRow]) -> Table:
     columns = ["backbone", "method", "source", "samples_seen", *STS_COLUMNS.values()]
     table = Table("main_sts", "Main STS table (Spearman x 100)", columns)
     rows: dict[str, list[tuple[int, int, list]]] = defaultdict(list)  # backbone -> (method order, 0 repro/1 paper, row)
+    without_sts = sorted(r.label for r in runs if r.kind != "generation" and not r.sts_planned)
     for run in runs:
-        if run.kind == "generation":
+        if run.kind == "generation" or not run.sts_planned:
             continue
         scores = run_scores(run)
         status = "" if run.finished else f" ({run.status})"
@@ -132,6 +133,9 @@ def main_sts_table(runs: list[RunRecord], paper: list[PaperRow]) -> Table:
     ]
     if any(not r.finished for r in runs):
         table.notes.append("Unfinished runs have no final evaluation: their cells are missing.")
+    if without_sts:
+        table.notes.append(f"Not in this table: {len(without_sts)} run(s) configured without the 7-task pass "
+                           f"(eval.at_end has no 'sts'), e.g. {without_sts[0]}; see the STS-B dev tables.")
     return table
 
 
@@ -146,7 +150,8 @@ def gain_table(runs: list[RunRecord], paper: list[PaperRow]) -> Table:
                *(f"paper gain {PAPER_BACKBONE_LABELS.get(b, b)}" for b in paper_backbones),
                "paper SemPA avg (same backbone)", "trained - paper"]
     table = Table("gain", "SemPA gain over the untrained baseline (7-task STS avg)", columns)
-    for run in sorted((r for r in runs if r.is_sempa_training), key=lambda r: (str(r.backbone), r.label)):
+    for run in sorted((r for r in runs if r.is_sempa_training and r.sts_planned),
+                      key=lambda r: (str(r.backbone), r.label)):
         start, final = run.value("start", STS_AVG), run.value("final", STS_AVG)
         same = paper_value(paper, run.backbone or "", "sempa")
         table.rows.append([
@@ -184,7 +189,7 @@ def template_table(runs: list[RunRecord], metric: str = STS_AVG) -> Table:
         untrained = [group, backbone, "untrained (step 0)"]
         for embed in embeds:
             starts = [v for r in members if r.embed == embed and (v := r.value("start", metric)) is not None]
-            untrained += [mean(starts) if starts else None, None]
+            untrained += [mean(starts) if starts else None, NOT_APPLICABLE]
         table.rows.append(untrained)
         for template in sorted({r.template or "unknown" for r in members}):
             row = [group, backbone, template.upper()]
