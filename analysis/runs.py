@@ -117,11 +117,18 @@ class RunRecord:
     def is_sempa_training(self) -> bool:
         return self.kind == "training" and self.method == "sempa"
 
+    def planned(self, when: str, suite: str | None = None) -> bool:
+        """Whether the run's config asks for ``suite`` (any suite when None) at ``when`` ('start', 'checkpoint' or
+        'end'); True when the config does not say (e.g. an older run), so nothing is hidden by default."""
+        suites = (self.config.get("eval") or {}).get(f"at_{when}")
+        if not isinstance(suites, list):
+            return True
+        return bool(suites) if suite is None else suite in suites
+
     @property
     def sts_planned(self) -> bool:
         """False when the run's config asks for no 7-task STS pass at the end (e.g. a sweep scored on STS-B dev)."""
-        at_end = (self.config.get("eval") or {}).get("at_end")
-        return not isinstance(at_end, list) or "sts" in at_end
+        return self.planned("end", "sts")
 
     def value(self, stage: str, name: str) -> float | None:
         """A metric of the run at ``stage`` ('start' = step 0, 'final'); None when that evaluation is missing."""

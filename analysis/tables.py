@@ -60,11 +60,13 @@ def _missing_in(run: RunRecord) -> list[str]:
         return []  # a generation-only record has no STS evaluation to miss
     steps = [e["step"] for e in run.evaluations]
     missing = [] if run.finished else [f"{run.status}: no final results"]
-    if run.is_training and run.value("start", STS_AVG) is None:
+    # what the run's config did not ask for is not missing
+    if run.is_training and run.planned("start", "sts") and run.value("start", STS_AVG) is None:
         missing.append("step-0 STS")
-    if run.finished and run.value("final", STS_AVG) is None:
+    if run.finished and run.sts_planned and run.value("final", STS_AVG) is None:
         missing.append("final STS")
-    if run.is_training and run.finished and not [s for s in steps if 0 < s < (run.final_step or 0)]:
+    if (run.is_training and run.finished and run.planned("checkpoint")
+            and not [s for s in steps if 0 < s < (run.final_step or 0)]):
         missing.append("checkpoint evaluations")
     return missing
 
