@@ -85,7 +85,7 @@ def data_size_figure(runs: list[RunRecord], paper: list[PaperRow]) -> FigureResu
                 largest = pick(members)
                 ckpt = largest.series(metric, include_start=False) if largest else []
                 if len(ckpt) > 1:
-                    _plot_line(ax, result, metric, f"{name} checkpoints of {largest.name}",
+                    _plot_line(ax, result, metric, f"{name} checkpoints of {largest.short_name or largest.name}",
                                f"checkpoints of {largest.label}", ckpt, color=color, linestyle=":", marker=".")
                 no_final = [r.name for r in members if r.value("final", metric) is None]
                 if no_final:

@@ -19,7 +19,7 @@ from analysis import artifacts, dashboard, figures, tables
 from analysis.figures import FigureResult
 from analysis.paper import load_paper_sts
 from analysis.render import Section, markdown_table, write_page
-from analysis.runs import RunRecord, SourceError, collect_local
+from analysis.runs import RunRecord, SourceError, collect_local, shorten_names
 from analysis.tables import Table
 
 log = logging.getLogger("analysis.report")
@@ -48,6 +48,7 @@ def build_report(runs: list[RunRecord], out: Path, *, sources: list[str] | None 
                  dashboard_urls: list[str] | None = None, project: str = dashboard.DEFAULT_PROJECT) -> Report:
     out = Path(out)
     paper = load_paper_sts()
+    shorten_names(runs)
     report = Report(out, runs)
     pca_panels, pca_problems = artifacts.pca_panels(runs)
     tokens, token_problems = artifacts.aligned_tokens(runs)

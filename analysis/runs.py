@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sempa_exp.rundir import GENERATION_ONLY_STATUS, RESULTS_FILE
+from sempa_exp.rundir import GENERATION_ONLY_STATUS, MAX_NAME_CHARS, RESULTS_FILE
 from sempa_exp.sts import SHORT_NAMES
 from sempa_exp.tracking import METRICS_FILE, read_metrics
 
@@ -100,10 +102,11 @@ class RunRecord:
     origin: str = ""  # where it was read from: a local path or a W&B run path
     config: dict[str, Any] = field(default_factory=dict)
     generation: dict[str, Any] = field(default_factory=dict)  # results.json "generation": label -> lm-eval record
+    short_name: str | None = None  # set by shorten_names: the name without the overrides its whole group shares
 
     @property
     def label(self) -> str:
-        return f"{self.group}/{self.name}"
+        return f"{self.group}/{self.short_name or self.name}"
 
     @property
     def finished(self) -> bool:
@@ -198,6 +201,51 @@ def load_run(run_dir: Path) -> RunRecord:
         samples_seen=last.get("samples_seen") if last else None, final_step=last.get("step") if last else None,
         start=next((e for e in evaluations if e["step"] == 0), {}), final={}, evaluations=evaluations,
         train_rows=train_rows_from(rows), run_dir=run_dir, origin=str(run_dir), config=config)
+
+
+_SEGMENT_START = re.compile(r",(?=[\w.+~/-]+=)")  # a comma that starts the next key=value of a run name
+_CUT_NAME = re.compile(r"_[0-9a-f]{12}$")  # rundir.run_name_from_overrides' hash suffix of a cut long name
+
+
+def _name_segments(name: str) -> list[str]:
+    segments = _SEGMENT_START.split(name)
+    if len(name) == MAX_NAME_CHARS and _CUT_NAME.search(name):
+        segments = segments[:-1]  # the cut tail is neither a whole override nor shared
+    return segments
+
+
+def _is_cut(name: str) -> bool:
+    return len(name) == MAX_NAME_CHARS and bool(_CUT_NAME.search(name))
+
+
+def _distinguishing_names(names: list[str]) -> list[str]:
+    """Each name without the key=value parts that every name shows with the same value (a cut name may have lost
+    a part, so it never counts against one)."""
+    segments = [_name_segments(n) for n in names]
+    cut = sum(map(_is_cut, names))
+    values: dict[str, set[str]] = defaultdict(set)
+    shown: dict[str, int] = defaultdict(int)
+    for part in (p for s in segments for p in s if "=" in p):
+        key, _, value = part.partition("=")
+        values[key].add(value)
+        shown[key] += 1
+    shared = {k for k in values if len(values[k]) == 1 and shown[k] + cut >= len(names)}
+    return [",".join(p for p in s if p.partition("=")[0] not in shared or "=" not in p) or "default"
+            for s in segments]
+
+
+def shorten_names(runs: list[RunRecord]) -> None:
+    """Label runs by the overrides that tell them apart: sweep run names repeat every fixed command-line override
+    (and long ones are cut). Within a run group, the key=value parts every run shows with one value are dropped;
+    where that would make two labels equal, the group keeps its full names."""
+    by_group: dict[str, list[RunRecord]] = defaultdict(list)
+    for run in runs:
+        by_group[run.group].append(run)
+    for members in (m for m in by_group.values() if len(m) > 1):
+        short = _distinguishing_names([r.name for r in members])
+        if len(set(short)) == len(members):
+            for run, name in zip(members, short, strict=True):
+                run.short_name = None if name == run.name else name
 
 
 def _read_json(path: Path) -> dict | None:

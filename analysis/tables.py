@@ -73,7 +73,8 @@ def _missing_in(run: RunRecord) -> list[str]:
 
 def runs_overview(runs: list[RunRecord]) -> Table:
     table = Table("runs", "Runs in this report", ["run", "status", "method", "backbone", "template", "embed",
-                                                   "data_size", "samples_seen", "evaluated_steps", "missing"])
+                                                   "data_size", "samples_seen", "evaluated_steps", "missing",
+                                                   "directory"])
     for run in sorted(runs, key=lambda r: r.label):
         training_only = {"template": run.template, "data_size": run.data_size, "samples_seen": run.samples_seen,
                          "evaluated_steps": ", ".join(str(e["step"]) for e in run.evaluations) or None}
@@ -83,7 +84,10 @@ def runs_overview(runs: list[RunRecord]) -> Table:
                            run.backbone or (NOT_APPLICABLE if run.kind == "evaluation" else None),
                            training_only["template"], run.embed or (None if run.is_training else NOT_APPLICABLE),
                            training_only["data_size"], training_only["samples_seen"], training_only["evaluated_steps"],
-                           "; ".join(_missing_in(run)) or "-"])
+                           "; ".join(_missing_in(run)) or "-", run.origin])
+    if any(r.short_name for r in runs):
+        table.notes.append("run: group/the overrides that tell the runs of its group apart (those every run of the "
+                           "group shares are left out; directory: the full name).")
     return table
 
 

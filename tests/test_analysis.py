@@ -371,3 +371,26 @@ def test_generation_only_record_stays_out_of_the_sts_tables(tmp_path, sweep):
     assert rows["base/tiny"]["missing"] == "-" and rows["base/tiny"]["data_size"] == "-"
     evaluation = rows[label(sweep.results["eval_sempa"])]
     assert evaluation["missing"] == "-" and evaluation["samples_seen"] == "-" and evaluation["template"] == "-"
+
+
+def test_sweep_runs_are_labelled_by_the_overrides_that_differ():
+    from analysis.runs import RunRecord, shorten_names
+    from sempa_exp.rundir import run_name_from_overrides
+
+    fixed = "backbone=smollm2_135m,eval.at_end=_sts,stsb_dev_,trainer.checkpoint_every_samples=64"
+    long_fixed = fixed + ",trainer.max_length=128" + ",x" * 60  # cut by run_name_from_overrides, hash suffix
+    sizes = [RunRecord("ds", run_name_from_overrides(f"data.size={n},{long_fixed}"), "finished", "sempa")
+             for n in (128, 512)]
+    templates = [RunRecord("tpl", f"embed={e},{fixed},template={t}", "finished", "sempa")
+                 for e in ("prompteol", "pretended_cot") for t in ("p1", "p2")]
+    alone = RunRecord("smoke", "default", "finished", "sempa")
+    named = [RunRecord("ev", "method=prompteol", "finished", "prompteol"),
+             RunRecord("ev", "checkpoint_of_smoke", "finished", "sempa")]  # a run.name, not an override: kept
+    clash = [RunRecord("c", run_name_from_overrides(f"{long_fixed},seed={n}"), "finished", "sempa") for n in (1, 2)]
+    shorten_names([*sizes, *templates, alone, *clash, *named])
+    assert [r.label for r in named] == ["ev/method=prompteol", "ev/checkpoint_of_smoke"]
+    assert len(sizes[0].name) == 200 and [r.label for r in sizes] == ["ds/data.size=128", "ds/data.size=512"]
+    assert [r.label for r in templates] == [f"tpl/embed={e},template={t}" for e in ("prompteol", "pretended_cot")
+                                            for t in ("p1", "p2")]
+    assert alone.label == "smoke/default"
+    assert [r.label for r in clash] == [f"c/{r.name}" for r in clash]  # what differs was cut off: full names
