@@ -130,6 +130,8 @@ def test_main_table_values_come_from_results_files(sweep):
             assert num(row[COLUMN.get(task, task.upper())]) == pytest.approx(results["final"][f"eval/{task}"],
                                                                            abs=1e-9)
     assert by_source[f"run {label(sweep.results['eval_sempa'])}"]["method"] == "SemPA"  # the evaluated adapter
+    assert num(by_source[f"run {label(sweep.results['eval_sempa'])}"]["samples_seen"]) == \
+        sweep.results["size48"]["samples_seen"]  # what the adapter was trained on
     assert by_source[f"run {label(sweep.results['eval_prompteol'])}"]["method"] == "PromptEOL"
     # an untrained baseline without an evaluation run of its own is step 0 of a training run
     untrained = [r for r in rows if r["method"].endswith("(untrained)")]

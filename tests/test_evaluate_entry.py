@@ -105,6 +105,7 @@ def test_checkpoint_method_evaluates_a_trained_adapter(eval_cfg, tmp_path):
     base = evaluate.run(eval_cfg("method=prompteol", "run.name=base"))
     assert tuned["method_info"]["adapter"] == str((run_dir / "adapter").resolve())
     assert tuned["method_info"]["trained_with"] == "dpo"
+    assert tuned["samples_seen"] is None and base["samples_seen"] == 0  # no results.json: unknown, not "untrained"
     assert tuned["final"]["eval/sts_avg"] != base["final"]["eval/sts_avg"]
     with pytest.raises(ConfigError, match="trained on backbone=tiny"):
         evaluate.run(eval_cfg("method=checkpoint", f"method.path={run_dir}", "run.name=x", "backbone=smollm2_135m"))

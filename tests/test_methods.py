@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from sempa_exp.backbones import load_backbone
 from sempa_exp.embedding import SentenceEncoder
 from sempa_exp.methods.base import decoder_of
-from sempa_exp.methods.checkpoint import check_backbone, resolve_adapter
+from sempa_exp.methods.checkpoint import check_backbone, resolve_adapter, trained_samples
 from sempa_exp.methods.contrastive_prompting import ContrastivePromptingMethod, steer
 from sempa_exp.methods.echo import EchoMethod, echo_prompt
 from sempa_exp.methods.prompt import PromptMethod
@@ -191,6 +191,15 @@ def test_checkpoint_adapter_is_found_and_changes_the_embeddings(tiny, tmp_path):
     (run_dir / "config.json").write_text(json.dumps({"backbone": {"name": "tiny"}, "embed": {"name": "prompteol"}}))
     adapter = resolve_adapter(run_dir)
     assert adapter == run_dir / "adapter" and resolve_adapter(adapter) == adapter
+    assert trained_samples(adapter) is None  # no finished results.json: unknown, not 0
+    (run_dir / "results.json").write_text(json.dumps({"status": "finished", "samples_seen": 96}))
+    assert trained_samples(adapter) == 96
+    step_dir = run_dir / "checkpoints" / "checkpoint-2"
+    peft_model.save_pretrained(str(step_dir))
+    (step_dir / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 1, "samples_seen": 16, "train/loss": 0.7}, {"step": 2, "samples_seen": 32, "eval/stsb_dev": 50.0})))
+    assert resolve_adapter(step_dir) == step_dir and trained_samples(step_dir) == 32
     assert check_backbone(adapter, "tiny", "prompteol")["backbone"]["name"] == "tiny"
     with pytest.raises(ConfigError, match="trained on backbone=tiny"):
         check_backbone(adapter, "smollm2_135m", "prompteol")

@@ -146,7 +146,9 @@ class Evaluation:
             if cache is not None:
                 cache.save_from(encoder)
             metrics["eval/seconds"] = time.time() - started
-            run_logger.log(metrics, step=0, samples_seen=0)
+            # a training-free method saw no training sample; a checkpoint, what its run had seen (None: unknown)
+            trained = loaded.info.get("samples_seen", 0)
+            run_logger.log(metrics, step=0, samples_seen=trained or 0)
             run_logger.summary(metrics)
             results = self.results(metrics, loaded.info, artifacts)
             rundir.write_json_atomic(run_dir / rundir.RESULTS_FILE, results)
@@ -172,7 +174,8 @@ class Evaluation:
 
     def results(self, metrics: dict, method_info: dict, artifacts: dict) -> dict:
         cfg, prep = self.cfg, self.prep
-        evaluation = {"step": 0, "samples_seen": 0, **metrics}
+        trained = method_info.get("samples_seen", 0)
+        evaluation = {"step": 0, "samples_seen": trained or 0, **metrics}  # as logged (metrics.jsonl, W&B)
         e = cfg.eval
         return {
             "status": "finished",
@@ -187,7 +190,7 @@ class Evaluation:
             "embed": cfg.embed.name if uses_embed(cfg) else None,
             "data_size": 0,
             "final_step": 0,
-            "samples_seen": 0,
+            "samples_seen": trained,
             "start": {},
             "final": metrics,
             "best_by_stsb_dev": evaluation if "eval/stsb_dev" in metrics else None,

@@ -84,12 +84,13 @@ def load(cfg: Config, device: torch.device) -> LoadedMethod:
     model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir, dtype=cfg.eval.dtype)
     info: dict = {}
     if m.kind == "checkpoint":
-        from sempa_exp.methods.checkpoint import attach_adapter, check_backbone, resolve_adapter
+        from sempa_exp.methods.checkpoint import attach_adapter, check_backbone, resolve_adapter, trained_samples
 
         adapter = resolve_adapter(m.path)
         run_config = check_backbone(adapter, cfg.backbone.name, cfg.embed.name)
         model = attach_adapter(model, adapter)
         info = {"adapter": str(Path(adapter).resolve()),
-                "trained_with": (run_config or {}).get("trainer", {}).get("method")}
+                "trained_with": (run_config or {}).get("trainer", {}).get("method"),
+                "samples_seen": trained_samples(adapter)}
     model.to(device)
     return LoadedMethod(model, tokenizer, build_method(cfg, model, tokenizer), info)

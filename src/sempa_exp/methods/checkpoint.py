@@ -44,6 +44,22 @@ def owning_run_config(adapter_dir: Path) -> dict | None:
     return None
 
 
+def trained_samples(adapter_dir: Path) -> int | None:
+    """How many training samples the adapter was trained on, from its run's records; None when they cannot tell."""
+    from sempa_exp.rundir import read_results
+    from sempa_exp.tracking import read_metrics
+
+    if adapter_dir.name == "adapter":
+        results = read_results(adapter_dir.parent) or {}
+        return results.get("samples_seen") if results.get("status") == "finished" else None
+    state = adapter_dir / "trainer_state.json"
+    if not state.exists():
+        return None
+    step = json.loads(state.read_text()).get("global_step")
+    rows = read_metrics(adapter_dir.parent.parent) if adapter_dir.parent.name == "checkpoints" else []
+    return next((int(r["samples_seen"]) for r in rows if r.get("step") == step and "samples_seen" in r), None)
+
+
 def check_backbone(adapter_dir: Path, backbone_name: str, embed_name: str) -> dict | None:
     run_config = owning_run_config(adapter_dir)
     if run_config is None:
