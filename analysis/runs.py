@@ -207,15 +207,13 @@ _SEGMENT_START = re.compile(r",(?=[\w.+~/-]+=)")  # a comma that starts the next
 _CUT_NAME = re.compile(r"_[0-9a-f]{12}$")  # rundir.run_name_from_overrides' hash suffix of a cut long name
 
 
-def _name_segments(name: str) -> list[str]:
-    segments = _SEGMENT_START.split(name)
-    if len(name) == MAX_NAME_CHARS and _CUT_NAME.search(name):
-        segments = segments[:-1]  # the cut tail is neither a whole override nor shared
-    return segments
-
-
 def _is_cut(name: str) -> bool:
     return len(name) == MAX_NAME_CHARS and bool(_CUT_NAME.search(name))
+
+
+def _name_segments(name: str) -> list[str]:
+    segments = _SEGMENT_START.split(name)
+    return segments[:-1] if _is_cut(name) else segments  # a cut tail is neither a whole override nor shared
 
 
 def _distinguishing_names(names: list[str]) -> list[str]:
@@ -230,7 +228,7 @@ def _distinguishing_names(names: list[str]) -> list[str]:
         values[key].add(value)
         shown[key] += 1
     shared = {k for k in values if len(values[k]) == 1 and shown[k] + cut >= len(names)}
-    return [",".join(p for p in s if p.partition("=")[0] not in shared or "=" not in p) or "default"
+    return [",".join(p for p in s if "=" not in p or p.partition("=")[0] not in shared) or "default"
             for s in segments]
 
 
