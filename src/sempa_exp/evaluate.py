@@ -146,11 +146,9 @@ class Evaluation:
             if cache is not None:
                 cache.save_from(encoder)
             metrics["eval/seconds"] = time.time() - started
-            # a training-free method saw no training sample; a checkpoint, what its run had seen (None: unknown)
-            trained = loaded.info.get("samples_seen", 0)
-            run_logger.log(metrics, step=0, samples_seen=trained or 0)
-            run_logger.summary(metrics)
             results = self.results(metrics, loaded.info, artifacts)
+            run_logger.log(metrics, step=0, samples_seen=results["evaluations"][0]["samples_seen"])
+            run_logger.summary(metrics)
             rundir.write_json_atomic(run_dir / rundir.RESULTS_FILE, results)
             exit_code = 0
             return results
@@ -174,8 +172,10 @@ class Evaluation:
 
     def results(self, metrics: dict, method_info: dict, artifacts: dict) -> dict:
         cfg, prep = self.cfg, self.prep
+        # a training-free method saw no training sample; a checkpoint, what its run had seen (None: unknown, and
+        # 0 on the logged step axis)
         trained = method_info.get("samples_seen", 0)
-        evaluation = {"step": 0, "samples_seen": trained or 0, **metrics}  # as logged (metrics.jsonl, W&B)
+        evaluation = {"step": 0, "samples_seen": trained or 0, **metrics}
         e = cfg.eval
         return {
             "status": "finished",
