@@ -145,6 +145,30 @@ def main_sts_table(runs: list[RunRecord], paper: list[PaperRow]) -> Table:
     return table
 
 
+def _embeds_like_step_0(training: RunRecord, evaluation: RunRecord) -> bool:
+    """Whether an evaluation run embedded exactly as the training run's step 0 would: the same backbone and embed
+    config, the backbone's dtype as the evaluation dtype, and the same max_length."""
+    t, e = training.config, evaluation.config
+    t_eval, e_eval = t.get("eval") or {}, e.get("eval") or {}
+    return bool(t.get("backbone")) and t.get("backbone") == e.get("backbone") and t.get("embed") == e.get("embed") \
+        and (t.get("backbone") or {}).get("dtype") == e_eval.get("dtype") \
+        and t_eval.get("max_length") == e_eval.get("max_length")
+
+
+def untrained_baseline(run: RunRecord, runs: list[RunRecord]) -> tuple[float | None, str]:
+    """The untrained 7-task average a training run started from: its own step 0, else a finished evaluation run of
+    its embedding method that embeds the same way (a run configured without the 7-task pass at step 0)."""
+    own = run.value("start", STS_AVG)
+    if own is not None:
+        return own, "step 0"
+    method = EMBED_METHOD.get(run.embed or "")
+    for other in sorted(runs, key=lambda r: r.label):
+        if other.kind == "evaluation" and other.finished and other.method == method \
+                and _embeds_like_step_0(run, other) and (value := other.value("final", STS_AVG)) is not None:
+            return value, f"run {other.label}"
+    return None, "missing"
+
+
 def gain_table(runs: list[RunRecord], paper: list[PaperRow]) -> Table:
     """SemPA's gain over its untrained start, per run, beside the paper's SemPA - PromptEOL gain per backbone."""
     paper_backbones = sorted({p.backbone for p in paper})
@@ -152,16 +176,16 @@ def gain_table(runs: list[RunRecord], paper: list[PaperRow]) -> Table:
     for b in paper_backbones:
         sempa, base = paper_value(paper, b, "sempa"), paper_value(paper, b, "prompteol")
         paper_gains[b] = None if sempa is None or base is None else sempa - base
-    columns = ["run", "backbone", "embed", "samples_seen", "untrained avg (step 0)", "trained avg", "gain",
+    columns = ["run", "backbone", "embed", "samples_seen", "untrained avg", "untrained source", "trained avg", "gain",
                *(f"paper gain {PAPER_BACKBONE_LABELS.get(b, b)}" for b in paper_backbones),
                "paper SemPA avg (same backbone)", "trained - paper"]
     table = Table("gain", "SemPA gain over the untrained baseline (7-task STS avg)", columns)
     for run in sorted((r for r in runs if r.is_sempa_training and r.sts_planned),
                       key=lambda r: (str(r.backbone), r.label)):
-        start, final = run.value("start", STS_AVG), run.value("final", STS_AVG)
+        (start, start_source), final = untrained_baseline(run, runs), run.value("final", STS_AVG)
         same = paper_value(paper, run.backbone or "", "sempa")
         table.rows.append([
-            run.label, run.backbone, run.embed, run.samples_seen, start, final,
+            run.label, run.backbone, run.embed, run.samples_seen, start, start_source, final,
             None if start is None or final is None else final - start,
             *(paper_gains[b] for b in paper_backbones),
             same if same is not None else NOT_SOURCED,
@@ -169,6 +193,8 @@ def gain_table(runs: list[RunRecord], paper: list[PaperRow]) -> Table:
     table.notes.append("paper gain = SemPA avg - PromptEOL avg of the paper's Table 3 (its PromptEOL is the untrained "
                        "baseline SemPA starts from). The paper trains on 275,601 triplets; CPU-scale runs see far "
                        "fewer samples (samples_seen).")
+    table.notes.append("untrained source: the run's own step 0, else an evaluation run of its embedding method with "
+                       "the same backbone, embed config, dtype and max_length (the same embeddings as that step 0).")
     return table
 
 

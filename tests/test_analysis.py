@@ -155,7 +155,7 @@ def test_gain_table_is_trained_minus_step_0(sweep):
     row = rows[label(r48)]
     assert num(row["gain"]) == pytest.approx(r48["final"]["eval/sts_avg"] - r48["start"]["eval/sts_avg"])
     assert num(row["paper gain LLaMA2-7B"]) == pytest.approx(77.69 - 70.03)
-    assert row["paper SemPA avg (same backbone)"] == "not sourced"
+    assert row["paper SemPA avg (same backbone)"] == "not sourced" and row["untrained source"] == "step 0"
     assert label(sweep.results["eval_sempa"]) not in rows  # evaluation runs have no step 0 of their own
     assert label(sweep.results["size40"]) not in rows  # configured without the 7-task pass
 
@@ -396,3 +396,25 @@ def test_sweep_runs_are_labelled_by_the_overrides_that_differ():
                                             for t in ("p1", "p2")]
     assert alone.label == "smoke/default"
     assert [r.label for r in clash] == [f"c/{r.name}" for r in clash]  # what differs was cut off: full names
+
+
+def test_gain_without_step_0_takes_a_matching_evaluation_run():
+    from analysis.runs import RunRecord
+    from analysis.tables import gain_table
+
+    backbone, embed = {"name": "tiny", "dtype": "float32"}, {"name": "prompteol", "template": "T"}
+
+    def evaluation(name: str, dtype: str, avg: float) -> RunRecord:
+        return RunRecord("eval", name, "finished", "prompteol", kind="evaluation", backbone="tiny", embed="prompteol",
+                         final={"eval/sts_avg": avg},
+                         config={"backbone": backbone, "embed": embed, "eval": {"dtype": dtype, "max_length": None}})
+
+    trained = RunRecord("smoke", "default", "finished", "sempa", backbone="tiny", embed="prompteol",
+                        final={"eval/sts_avg": 61.0}, config={"backbone": backbone, "embed": embed, "eval": {
+                            "max_length": None, "at_start": ["stsb_dev"], "at_end": ["sts"]}})
+    other_dtype = evaluation("a_bf16", "bfloat16", 50.0)  # embeds differently: never the baseline
+    rows = gain_table([trained, other_dtype], []).records()
+    assert rows[0]["untrained avg"] is None and rows[0]["gain"] is None and rows[0]["untrained source"] == "missing"
+    rows = gain_table([trained, other_dtype, evaluation("b_fp32", "float32", 58.5)], []).records()
+    assert rows[0]["untrained avg"] == 58.5 and rows[0]["gain"] == 2.5
+    assert rows[0]["untrained source"] == "run eval/b_fp32"

@@ -200,6 +200,8 @@ def test_checkpoint_adapter_is_found_and_changes_the_embeddings(tiny, tmp_path):
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
         {"step": 1, "samples_seen": 16, "train/loss": 0.7}, {"step": 2, "samples_seen": 32, "eval/stsb_dev": 50.0})))
     assert resolve_adapter(step_dir) == step_dir and trained_samples(step_dir) == 32
+    (step_dir / "trainer_state.json").write_text("{")  # damaged: unknown, and the evaluation goes on
+    assert trained_samples(step_dir) is None
     assert check_backbone(adapter, "tiny", "prompteol")["backbone"]["name"] == "tiny"
     with pytest.raises(ConfigError, match="trained on backbone=tiny"):
         check_backbone(adapter, "smollm2_135m", "prompteol")

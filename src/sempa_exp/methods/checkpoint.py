@@ -55,9 +55,14 @@ def trained_samples(adapter_dir: Path) -> int | None:
     state = adapter_dir / "trainer_state.json"
     if not state.exists():
         return None
-    step = json.loads(state.read_text()).get("global_step")
+    try:
+        step = json.loads(state.read_text()).get("global_step")
+    except (json.JSONDecodeError, AttributeError) as exc:  # the count is a record, not a reason to stop evaluating
+        log.warning("samples seen unknown: unreadable %s (%s)", state, exc)
+        return None
     rows = read_metrics(adapter_dir.parent.parent) if adapter_dir.parent.name == "checkpoints" else []
-    return next((int(r["samples_seen"]) for r in rows if r.get("step") == step and "samples_seen" in r), None)
+    return next((int(r["samples_seen"]) for r in rows
+                 if r.get("step") == step and isinstance(r.get("samples_seen"), (int, float))), None)
 
 
 def check_backbone(adapter_dir: Path, backbone_name: str, embed_name: str) -> dict | None:
