@@ -27,10 +27,10 @@ TINY_EVAL = [
     "eval.pca_fraction=0.05",
     "logger=none",
 ]
-# the tiny Llama has 2 layers: steer / prepend inside them
+# the tiny Llama has 2 layers: its config steers / prepends inside them (backbone.methods); these override that
 TINY_METHOD_OVERRIDES = {
-    "contrastive_prompting": ["method.layer=1"],
-    "token_prepending": ["method.exit_layer=2"],
+    "contrastive_prompting": ["method.layer=0"],
+    "token_prepending": ["method.exit_layer=2", "method.output_layer=-2"],
 }
 HEADLINE = [f"eval/{name}" for name in SHORT_NAMES.values()] + ["eval/sts_avg", "eval/uniformity", "eval/isotropy"]
 
@@ -134,3 +134,16 @@ def test_cli_names_the_run_directory_after_the_overrides(data_root, tmp_path):
     results = json.loads((runs[0] / "results.json").read_text())
     assert list(results["final"]) == ["eval/stsb_dev", "eval/seconds"]
     assert np.isfinite(results["final"]["eval/stsb_dev"])
+
+
+def test_layer_settings_come_from_the_backbone_and_the_command_line_overrides_them(eval_cfg):
+    results = evaluate.run(eval_cfg("method=token_prepending", "run.name=tp", "method.output_layer=-2",
+                                    "eval.at_end=[stsb_dev]", "eval.pca_fraction=0"))
+    settings = results["method_settings"]
+    assert (settings["start_layer"], settings["exit_layer"], settings["output_layer"]) == (1, 2, -2)
+    assert settings["source"].startswith("command line (output_layer); backbone: tests:")
+
+
+def test_a_backbone_without_the_methods_layer_settings_is_refused_before_loading(eval_cfg):
+    with pytest.raises(ConfigError, match="no method.layer / method.alpha for backbone=tiny.*sempa_exp.select"):
+        evaluate.run(eval_cfg("method=contrastive_prompting", "~backbone.methods.contrastive_prompting"))

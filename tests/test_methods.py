@@ -14,7 +14,7 @@ from sempa_exp.embedding import SentenceEncoder
 from sempa_exp.methods.base import decoder_of
 from sempa_exp.methods.checkpoint import check_backbone, resolve_adapter, trained_samples
 from sempa_exp.methods.contrastive_prompting import ContrastivePromptingMethod, steer
-from sempa_exp.methods.echo import EchoMethod, echo_prompt
+from sempa_exp.methods.echo import EchoMethod
 from sempa_exp.methods.prompt import PromptMethod
 from sempa_exp.methods.token_prepending import TokenPrependingMethod
 from sempa_exp.schema import BackboneConfig, ConfigError, EmbedConfig
@@ -78,26 +78,26 @@ def test_mean_pooling_averages_every_sentence_token(tiny):
         np.testing.assert_allclose(vector, final_hidden(model, ids).mean(dim=0).numpy(), atol=1e-5)
 
 
-def test_echo_reads_only_the_second_copy(tiny):
+def test_echo_pools_the_second_copy_and_the_eos_with_each_piece_tokenized_alone(tiny):
+    """The authors' parser: literal text and brace pieces are tokenized one by one and concatenated; the mean runs over
+    the pooled pieces (the second copy and the EOS)."""
     model, tokenizer = tiny
-    method = EchoMethod(tokenizer, "Rewrite: {s}, again: {s}")
+    method = EchoMethod(tokenizer, "<s>Rewrite: {!%%text%%}, again: {%%text%%}{</s>}")
     for sentence, feature, vector in zip(SENTENCES, method.features(SENTENCES), encode(model, tokenizer, method),
                                          strict=True):
-        prompt, (start, end) = echo_prompt(method.template, sentence)
-        assert prompt[start:end] == sentence and prompt.index(sentence) < start  # the span is the second copy
-        ids, mask = feature["input_ids"], feature["pool_mask"]
-        pooled_positions = [i for i, m in enumerate(mask) if m]
-        assert tokenizer.decode([ids[i] for i in pooled_positions]).strip() == sentence
-        assert pooled_positions[0] > len(ids) // 2  # all in the second half of the prompt
-        hidden = final_hidden(model, ids)
-        np.testing.assert_allclose(vector, hidden[pooled_positions].mean(dim=0).numpy(), atol=1e-5)
-        first = [i for i in range(len(ids)) if i < pooled_positions[0] and tokenizer.decode([ids[i]]) in sentence]
-        assert not np.allclose(vector, hidden[first].mean(dim=0).numpy(), atol=1e-3)
+        piece = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Rewrite: ", sentence, ", again: ")]
+        # the tiny tokenizer adds no BOS, so <s> stands for nothing; </s> is its EOS
+        assert feature["input_ids"] == [*piece[0], *piece[1], *piece[2], *piece[1], tokenizer.eos_token_id]
+        pooled = [i for i, m in enumerate(feature["pool_mask"]) if m]
+        assert pooled == list(range(len(feature["input_ids"]) - len(piece[1]) - 1, len(feature["input_ids"])))
+        hidden = final_hidden(model, feature["input_ids"])
+        np.testing.assert_allclose(vector, hidden[pooled].mean(dim=0).numpy(), atol=1e-5)
 
 
-def test_echo_template_needs_two_copies(tiny):
-    with pytest.raises(ConfigError, match="exactly twice"):
-        EchoMethod(tiny[1], "only once: {s}")
+def test_echo_template_reads_then_pools_the_sentence(tiny):
+    for template in ("only once: {%%text%%}", "Rewrite: {%%text%%}, again: {%%text%%}", "no braces %%text%%"):
+        with pytest.raises(ConfigError, match="sentence twice"):
+            EchoMethod(tiny[1], template)
 
 
 def test_steering_norms():
@@ -148,21 +148,30 @@ def test_contrastive_prompting_stops_the_auxiliary_pass_at_its_layer(tiny):
 def test_token_prepending_rewrites_the_placeholder_and_changes_early_tokens_only_after_it(tiny):
     model, tokenizer = tiny
     before = snapshot(model)
+    vocabulary = len(tokenizer)
     method = TokenPrependingMethod(tokenizer, 'Sentence : {pst} "{s}" means in one word:"', start_layer=1,
                                    exit_layer=2)
+    assert len(tokenizer) == vocabulary  # the placeholder is added to a private copy of the tokenizer
     feature = method.features(SENTENCES[:1])[0]
     ids, pst = feature["input_ids"], feature["pst_index"]
-    assert ids[pst] == tokenizer.pad_token_id and tokenizer.decode(ids[:pst]) == "Sentence :"
+    # the whole prompt is tokenized at once: the space before the placeholder stays a token (the authors' layout)
+    assert ids[pst] == tokenizer.pad_token_id and tokenizer.decode(ids[:pst]) == "Sentence : "
+    assert ids[pst + 1:] == tokenizer(' "A man is playing a guitar." means in one word:"')["input_ids"]
 
     decoder = decoder_of(model)
-    seen, finals = [], []
-    probe = decoder.layers[1].input_layernorm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
-    final = decoder.norm.register_forward_hook(lambda _m, _a, out: finals.append(out.clone()))
+    embedded, seen, finals = [], [], []
+    hooks = [decoder.layers[0].input_layernorm.register_forward_pre_hook(
+                 lambda _m, args: embedded.append(args[0].clone())),
+             decoder.layers[1].input_layernorm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone())),
+             decoder.norm.register_forward_hook(lambda _m, _a, out: finals.append(out.clone()))]
     try:
         vector = method.embed_batch(model, [feature])[0]
     finally:
-        probe.remove()
-        final.remove()
+        for h in hooks:
+            h.remove()
+    # layer 0 reads the placeholder's own N(0, I) input embedding, the seeded draw
+    expected = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3407))
+    assert torch.equal(embedded[0][0, pst], expected)
     # entering layer 1, the placeholder holds the last token's hidden state: the sentence embedding so far
     assert torch.equal(seen[0][0, pst], seen[0][0, -1])
     with_tp, plain = finals[0][0], final_hidden(model, ids)
@@ -171,6 +180,22 @@ def test_token_prepending_rewrites_the_placeholder_and_changes_early_tokens_only
     assert not torch.allclose(with_tp[first_word], plain[first_word], atol=1e-4)
     assert torch.allclose(vector, with_tp[-1])
     assert_untouched(model, before)
+
+
+def test_pretended_cot_is_the_authors_prompt_read_before_the_last_layer(tiny):
+    """conf/method/pretended_cot.yaml: the authors' prompt ('step by step , this') and hidden_states[-2]."""
+    model, tokenizer = tiny
+    cot = EmbedConfig(name="pretended_cot",
+                      template='After thinking step by step , this sentence : "{s}" means in one word:"')
+    method = PromptMethod(tokenizer, cot, output_layer=-2)
+    vectors = encode(model, tokenizer, method, embed=cot)
+    for sentence, vector in zip(SENTENCES, vectors, strict=True):
+        ids = tokenizer(method.prompt(sentence))["input_ids"]
+        with torch.no_grad():
+            hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        assert len(hidden) == model.config.num_hidden_layers + 1
+        np.testing.assert_allclose(vector, hidden[-2][0, -1].numpy(), atol=1e-5)
+        assert not np.allclose(vector, hidden[-1][0, -1].numpy(), atol=1e-3)
 
 
 def test_token_prepending_checks_its_layers(tiny):
@@ -210,3 +235,60 @@ def test_checkpoint_adapter_is_found_and_changes_the_embeddings(tiny, tmp_path):
     method = PromptMethod(tokenizer, PROMPTEOL)
     tuned = encode(peft_model.eval(), tokenizer, method)
     assert not np.allclose(tuned, encode(model, tokenizer, method), atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tiny):
+    """A random 4-layer Gemma 3 (its own module classes, scaled embeddings, sliding-window layers) on the tiny
+    tokenizer: every method must run on it through the architecture map, without a Llama module name."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = tiny[1]
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=64,
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=1, eos_token_id=5)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    final_hidden(model, [10, 11])  # transformers' own output-capturing hooks, installed on the first such call
+    return model, tokenizer
+
+
+def test_every_decoder_method_runs_on_gemma3_through_the_architecture_map(tiny_gemma):
+    from sempa_exp.methods.architecture import decoder_parts
+
+    model, tokenizer = tiny_gemma
+    parts = decoder_parts(model)
+    assert parts.model_type == "gemma3_text" and parts.num_layers == 4
+    before = snapshot(model)
+    prompteol = encode(model, tokenizer, PromptMethod(tokenizer, PROMPTEOL))
+    for method in (EchoMethod(tokenizer), TokenPrependingMethod(tokenizer, start_layer=1, exit_layer=3),
+                   ContrastivePromptingMethod(tokenizer, PROMPTEOL, layer=1, alpha=0.5, output_layer=-2)):
+        vectors = encode(model, tokenizer, method)
+        assert vectors.shape == prompteol.shape and np.isfinite(vectors).all()
+        assert not np.allclose(vectors, prompteol, atol=1e-4), type(method).__name__
+    assert_untouched(model, before)
+
+
+def test_token_prepending_scales_the_placeholder_like_a_row_of_a_scaled_embedding(tiny_gemma):
+    model, tokenizer = tiny_gemma
+    method = TokenPrependingMethod(tokenizer, start_layer=1, exit_layer=2)
+    feature = method.features(SENTENCES[:1])[0]
+    seen = []
+    probe = decoder_of(model).layers[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True)
+    try:
+        method.embed_batch(model, [feature])
+    finally:
+        probe.remove()
+    row = torch.randn(32, generator=torch.Generator().manual_seed(3407))
+    assert torch.allclose(seen[0][0, feature["pst_index"]], row * 32 ** 0.5, atol=1e-5)  # Gemma scales by sqrt(d)
+
+
+def test_an_unsupported_architecture_is_refused_by_name():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sempa_exp.methods.architecture import decoder_parts
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=16))
+    with pytest.raises(ConfigError, match="'gpt2' is not supported.*gemma3_text.*llama"):
+        decoder_parts(model)

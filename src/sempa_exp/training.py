@@ -139,10 +139,11 @@ def build_trainer(cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedToke
 
         return build_contrastive_trainer(cfg, model, tokenizer, dataset, output_dir, callbacks, world_size, use_cpu,
                                          peft_config(cfg))
-    from sempa_exp.fast_dpo import SempaDPOTrainer, prepared_data_cache
+    from sempa_exp.fast_dpo import SempaDPOTrainer, prepared_data_cache, turn_end_ids
 
     t = cfg.trainer
     return SempaDPOTrainer(
+        turn_end=None if t.score_template_tail else turn_end_ids(tokenizer, cfg.backbone.turn_end),
         completion_only_logits=t.completion_only_logits,
         data_cache=prepared_data_cache(cfg, tokenizer, use_cpu) if t.cache_prepared_data else None,
         add_length_column=t.group_by_length,

@@ -25,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sempa_exp.methods.base import EmbeddingMethod
-from sempa_exp.schema import Config, ConfigError
+from sempa_exp.schema import LAYER_SETTINGS, Config, ConfigError, method_settings
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +47,28 @@ def build_method(cfg: Config, model: torch.nn.Module, tokenizer) -> EmbeddingMet
     from sempa_exp.methods.token_prepending import DEFAULT_TP_TEMPLATE, TokenPrependingMethod
 
     m, max_length = cfg.method, cfg.eval.max_length
+    settings = method_settings(cfg)
     if m.kind in ("prompt", "checkpoint"):
-        method = PromptMethod(tokenizer, cfg.embed, max_length, m.output_layer)
+        method = PromptMethod(tokenizer, cfg.embed, max_length, settings.output_layer)
     elif m.kind == "echo":
-        method = EchoMethod(tokenizer, m.template or DEFAULT_ECHO_TEMPLATE, max_length, m.output_layer)
+        method = EchoMethod(tokenizer, m.template or DEFAULT_ECHO_TEMPLATE, max_length, settings.output_layer)
     elif m.kind == "contrastive_prompting":
-        method = ContrastivePromptingMethod(tokenizer, cfg.embed, m.template or DEFAULT_AUX_TEMPLATE, m.layer, m.alpha,
-                                            m.norm, max_length, m.output_layer)
+        method = ContrastivePromptingMethod(tokenizer, cfg.embed, m.template or DEFAULT_AUX_TEMPLATE, settings.layer,
+                                            settings.alpha, m.norm, max_length, settings.output_layer)
     elif m.kind == "token_prepending":
-        method = TokenPrependingMethod(tokenizer, m.template or DEFAULT_TP_TEMPLATE, m.start_layer, m.exit_layer,
-                                       cfg.embed.prompteol_preprocess, m.output_layer)
+        method = TokenPrependingMethod(tokenizer, m.template or DEFAULT_TP_TEMPLATE, settings.start_layer,
+                                       settings.exit_layer, cfg.embed.prompteol_preprocess, settings.output_layer,
+                                       m.pst_seed)
     else:
         raise ConfigError(f"method.kind={m.kind!r} has no decoder implementation")
     # Untrained weights: the vectors can be cached on disk, keyed by the backbone, dtype, embed config, max_length
     # and these extras. A plain prompt method adds none, so it shares the cache of a training run's step-0 evaluation.
-    if m.kind == "prompt" and m.output_layer is None:
+    if m.kind == "prompt" and settings.output_layer is None:
         method.cache_key = {}
     elif m.kind != "checkpoint":
-        method.cache_key = {"method": OmegaConf.to_container(OmegaConf.structured(m))}
+        resolved = {**OmegaConf.to_container(OmegaConf.structured(m)), **{k: getattr(settings, k) for k in
+                                                                          LAYER_SETTINGS}}
+        method.cache_key = {"method": resolved}
     return method
 
 

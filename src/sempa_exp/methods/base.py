@@ -12,14 +12,13 @@ from contextlib import contextmanager
 
 import torch
 
+from sempa_exp.methods.architecture import decoder_parts
+
 
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformer stack below the LM head, through a PEFT wrapper if there is one (LoRA layers stay active)."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    if hasattr(model, "get_decoder"):
-        return model.get_decoder()
-    return model.model
+    """The transformer stack below the LM head, through a PEFT wrapper if there is one (LoRA layers stay active);
+    found by architecture (sempa_exp.methods.architecture), an unsupported one is refused by name."""
+    return decoder_parts(model).decoder
 
 
 def lm_head_of(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -74,14 +73,18 @@ def left_pad_mask(masks: Sequence[Sequence[int]], width: int) -> torch.Tensor:
 
 
 def decoder_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor,
-                   output_layer: int | None = None) -> torch.Tensor:
+                   output_layer: int | Sequence[int] | None = None) -> torch.Tensor:
     """Hidden states (batch, seq, dim) of the final layer after the final norm, or of ``hidden_states[output_layer]``
-    (0 = token embeddings, k = output of decoder layer k, -1 = final after norm) when an early exit is asked for."""
+    (0 = token embeddings, k = output of decoder layer k - 1 before any norm, -1 = final after norm) when an early
+    exit is asked for. Several layers (a sequence) come concatenated along the last axis: (batch, seq, k * dim), so
+    one forward scores every candidate layer of a selection."""
     device = input_ids.device
     if output_layer is None:
         return decoder(input_ids=input_ids, attention_mask=attention.to(device), use_cache=False).last_hidden_state
     out = decoder(input_ids=input_ids, attention_mask=attention.to(device), use_cache=False, output_hidden_states=True)
-    return out.hidden_states[output_layer]
+    if isinstance(output_layer, int):
+        return out.hidden_states[output_layer]
+    return torch.cat([out.hidden_states[i] for i in output_layer], dim=-1)
 
 
 def pool(hidden: torch.Tensor, pooling: str, keep: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,9 +6,10 @@ forward pass carries less non-essential content into the last token.
 Per batch: (1) the auxiliary prompts run up to the attention of layer ``layer`` only (the pass is stopped there) and
 their last-token contextualized values are captured; (2) the normal prompts run in full with that layer's value at the
 last token replaced by ``alpha * (v_nor - v_aux)`` (norm="scaled", the paper's norm scaling) or by
-``(v_nor - v_aux) * |v_nor| / |v_nor - v_aux|`` (norm="preserve", norm preservation). The embedding is the last
-token's final hidden state. Everything happens in forward pre-hooks that are removed after each batch; no weight and
-no model file is changed.
+``(v_nor - v_aux) * |v_nor| / (|v_nor - v_aux| + 1e-7)`` (norm="preserve", norm preservation). The embedding is the
+last token's ``hidden_states[output_layer]``: the authors exit early (layer 27 of 32 on LLaMA-2-7B, -2 on LLaMA-3-8B)
+and choose layer, alpha and exit per backbone (backbone.methods.contrastive_prompting). Everything happens in forward
+pre-hooks that are removed after each batch; no weight and no model file is changed.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from sempa_exp.methods.architecture import decoder_parts
 from sempa_exp.methods.base import (
     EmbeddingMethod,
     decoder_hidden,
-    decoder_of,
     hooks,
     left_pad,
     model_device,
@@ -44,21 +45,13 @@ def steer(v_normal: torch.Tensor, v_aux: torch.Tensor, norm: str, alpha: float) 
     delta = v_normal - v_aux
     if norm == "scaled":
         return alpha * delta
-    scale = v_normal.norm(dim=-1, keepdim=True) / delta.norm(dim=-1, keepdim=True).clamp(min=1e-7)
-    return delta * scale
-
-
-def attention_output_projection(decoder: torch.nn.Module, layer: int) -> torch.nn.Module:
-    layers = decoder.layers
-    if not -len(layers) <= layer < len(layers):
-        raise ConfigError(f"method.layer={layer} is outside the model's {len(layers)} layers")
-    return layers[layer].self_attn.o_proj
+    return delta * v_normal.norm(dim=-1, keepdim=True) / (delta.norm(dim=-1, keepdim=True) + 1e-7)  # the authors' eps
 
 
 class ContrastivePromptingMethod(EmbeddingMethod):
     def __init__(self, tokenizer: PreTrainedTokenizerBase, embed: EmbedConfig, aux_template: str = DEFAULT_AUX_TEMPLATE,
                  layer: int = 4, alpha: float = 0.5, norm: str = "scaled", max_length: int | None = None,
-                 output_layer: int | None = None) -> None:
+                 output_layer: int | Sequence[int] | None = None) -> None:
         if embed.pooling != "last":
             raise ConfigError("contrastive prompting steers the last token: embed.pooling must be 'last'")
         if norm not in NORMS:
@@ -85,7 +78,7 @@ class ContrastivePromptingMethod(EmbeddingMethod):
 
     def auxiliary_values(self, model: torch.nn.Module, batch: list[dict]) -> torch.Tensor:
         """(batch, hidden) contextualized values at the last token of the auxiliary prompts, at ``layer``."""
-        decoder = decoder_of(model)
+        parts = decoder_parts(model)
         captured: list[torch.Tensor] = []
 
         def capture(_module, args):
@@ -94,16 +87,16 @@ class ContrastivePromptingMethod(EmbeddingMethod):
 
         input_ids, attention, _ = left_pad([f["aux_ids"] for f in batch], self.tokenizer.pad_token_id)
         device = model_device(model)
-        projection = attention_output_projection(decoder, self.layer)
+        projection = parts.attention_output_projection(self.layer)
         with hooks([projection.register_forward_pre_hook(capture)]), contextlib.suppress(_AuxiliaryCaptured):
-            decoder(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
+            parts.decoder(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
         if not captured:
             raise RuntimeError(f"layer {self.layer}'s attention never ran on the auxiliary prompts")
         return captured[0]
 
     def embed_batch(self, model: torch.nn.Module, batch: list[dict]) -> torch.Tensor:
         v_aux = self.auxiliary_values(model, batch)
-        decoder = decoder_of(model)
+        parts = decoder_parts(model)
 
         def intervene(_module, args):
             values = args[0].clone()
@@ -111,7 +104,7 @@ class ContrastivePromptingMethod(EmbeddingMethod):
             return (values, *args[1:])
 
         input_ids, attention, _ = left_pad([f["input_ids"] for f in batch], self.tokenizer.pad_token_id)
-        projection = attention_output_projection(decoder, self.layer)
+        projection = parts.attention_output_projection(self.layer)
         with hooks([projection.register_forward_pre_hook(intervene)]):
-            hidden = decoder_hidden(decoder, input_ids.to(model_device(model)), attention, self.output_layer)
+            hidden = decoder_hidden(parts.decoder, input_ids.to(model_device(model)), attention, self.output_layer)
         return pool(hidden, "last")

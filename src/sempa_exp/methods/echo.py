@@ -1,14 +1,19 @@
-"""Echo embeddings (Springer et al., "Repetition Improves Language Model Embeddings"): the sentence is written twice
-in one prompt and the embedding is the mean of the hidden states of the *second* copy's tokens only. Under causal
-attention those tokens have already read the whole sentence once, which a single pass cannot give early tokens.
+"""Echo embeddings (Springer et al., 2024), as the authors' ``echo_embeddings.py`` computes them: the sentence written
+twice in a prompt, the mean of the final hidden states over the tokens of the second copy and the closing EOS.
 
-The second copy's tokens are found from the tokenizer's character offsets of the one prompt (so the text is tokenized
-exactly as the model sees it), not by tokenizing pieces separately.
+The template is in the authors' syntax: literal text, and brace pieces ``{...}`` holding ``%%text%%`` (the sentence)
+or a special token; a brace piece starting with ``!`` is not pooled, every other one is. Each piece is tokenized on
+its own (no special tokens added) and the ids are concatenated, which is what their parser does; ``<s>`` and ``</s>``
+stand for the backbone's BOS (only where its tokenizer adds one: the authors' Llama/Mistral do, SmolLM2 does not)
+and EOS token. The default is their zero-shot prompt, ``<s>Rewrite the sentence: {!%%text%%}, rewritten sentence:
+{%%text%%}{</s>}``. The sentence is inserted as it is (no PromptEOL clean-up).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -24,45 +29,67 @@ from sempa_exp.methods.base import (
 )
 from sempa_exp.schema import ConfigError
 
-# A zero-shot echo prompt in the form Springer et al. describe (instruction, the text, a cue, the text again);
-# the exact wording of their MTEB prompts varies by task. method.template overrides it.
-DEFAULT_ECHO_TEMPLATE = "Rewrite the sentence: {s}, rewritten sentence: {s}"
+DEFAULT_ECHO_TEMPLATE = "<s>Rewrite the sentence: {!%%text%%}, rewritten sentence: {%%text%%}{</s>}"
+SENTENCE = "%%text%%"
+_BRACES = re.compile(r"\{[\s\S]+?\}")
 
 
-def echo_prompt(template: str, sentence: str) -> tuple[str, tuple[int, int]]:
-    """The prompt and the character span [start, end) of the sentence's second occurrence in it."""
-    parts = template.split("{s}")
-    if len(parts) != 3:
-        raise ConfigError(f"an echo template must contain '{{s}}' exactly twice: {template!r}")
-    before, middle, after = parts
-    start = len(before) + len(sentence) + len(middle)
-    return before + sentence + middle + sentence + after, (start, start + len(sentence))
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    slot: bool  # a brace piece (filled per sentence)
+    pooled: bool
+
+
+def parse_template(template: str) -> list[Piece]:
+    pieces, end = [], 0
+    for match in _BRACES.finditer(template):
+        if match.start() > end:
+            pieces.append(Piece(template[end:match.start()], slot=False, pooled=False))
+        body = match.group()[1:-1]
+        hidden = body.startswith("!")
+        pieces.append(Piece(body[1:] if hidden else body, slot=True, pooled=not hidden))
+        end = match.end()
+    if end < len(template):
+        pieces.append(Piece(template[end:], slot=False, pooled=False))
+    copies = [p for p in pieces if p.slot and SENTENCE in p.text]
+    if not any(p.pooled for p in copies) or not any(not p.pooled for p in copies):
+        raise ConfigError(f"an echo template needs the sentence twice, '{{!{SENTENCE}}}' (read) and then "
+                          f"'{{{SENTENCE}}}' (pooled): {template!r}")
+    return pieces
 
 
 class EchoMethod(EmbeddingMethod):
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str = DEFAULT_ECHO_TEMPLATE,
-                 max_length: int | None = None, output_layer: int | None = None) -> None:
-        if not getattr(tokenizer, "is_fast", False):
-            raise ConfigError("echo embeddings need a fast tokenizer (character offsets locate the second copy)")
-        echo_prompt(template, "x")  # fails early on a template without two {s}
+                 max_length: int | None = None, output_layer: int | Sequence[int] | None = None) -> None:
+        self.pieces = parse_template(template)
         self.tokenizer = tokenizer
-        self.template = template
         self.max_length = max_length
         self.output_layer = output_layer
+        adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+        self.specials = {"<s>": [tokenizer.bos_token_id] if adds_bos else [], "</s>": [tokenizer.eos_token_id]}
+
+    def _ids(self, text: str) -> list[int]:
+        ids: list[int] = []
+        # <s> / </s> are the backbone's own special tokens wherever they stand; the rest is tokenized as text
+        for part in re.split(r"(<s>|</s>)", text):
+            if part in self.specials:
+                ids += self.specials[part]
+            elif part:
+                ids += self.tokenizer(part, add_special_tokens=False)["input_ids"]
+        return ids
 
     def features(self, sentences: Sequence[str]) -> list[dict]:
-        built = [echo_prompt(self.template, s) for s in sentences]
-        prompts, spans = [p for p, _ in built], [span for _, span in built]
-        enc = self.tokenizer(prompts, return_offsets_mapping=True, return_special_tokens_mask=True)
+        fixed = {i: self._ids(p.text) for i, p in enumerate(self.pieces) if not p.slot or SENTENCE not in p.text}
         out = []
-        for i, (start, end) in enumerate(spans):
-            ids, offsets = enc["input_ids"][i], enc["offset_mapping"][i]
-            special = enc["special_tokens_mask"][i]
-            # a token belongs to the second copy when its characters overlap the copy's span
-            mask = [int(not sp and a < end and b > start) for (a, b), sp in zip(offsets, special, strict=True)]
-            if not any(mask):
-                raise ValueError(f"echo: no token of the second copy found for {sentences[i]!r}")
-            if self.max_length is not None and len(ids) > self.max_length:  # keep the end: the second copy
+        for sentence in sentences:
+            ids: list[int] = []
+            mask: list[int] = []
+            for i, piece in enumerate(self.pieces):
+                piece_ids = fixed[i] if i in fixed else self._ids(piece.text.replace(SENTENCE, sentence))
+                ids += piece_ids
+                mask += [int(piece.pooled)] * len(piece_ids)
+            if self.max_length is not None and len(ids) > self.max_length:  # keep the end: the pooled copy
                 ids, mask = ids[-self.max_length:], mask[-self.max_length:]
             out.append({"input_ids": ids, "pool_mask": mask})
         return out
