@@ -93,12 +93,16 @@ def test_gemma_loads_through_the_architecture_map_and_every_method_embeds(gemma,
     parts = decoder_parts(model)
     assert (parts.model_type, parts.num_layers, model.config.vocab_size) == ("gemma3_text", 18, 262144)
     vectors = {}
+    # the mechanism on Gemma's modules, at settings given here (the backbone's own come from its STS-B dev selection)
+    settings = {"token_prepending": ["method.start_layer=1", "method.exit_layer=3", "method.output_layer=-2"],
+                "contrastive_prompting": ["method.layer=3", "method.alpha=0.5", "method.output_layer=-2"]}
     for method in ("prompteol", "pretended_cot", "mean", "echo", "token_prepending", "contrastive_prompting"):
         register_configs()
         with initialize_config_dir(config_dir=train.CONF_DIR, version_base="1.3"):
             cfg = OmegaConf.to_object(compose("evaluate", overrides=[
-                "backbone=gemma3_270m", f"method={method}", f"paths.data_dir={REAL_DATA_DIR}"]))
-        validate(cfg)  # the backbone's own layer settings (backbone.methods) make every method complete
+                "backbone=gemma3_270m", f"method={method}", f"paths.data_dir={REAL_DATA_DIR}",
+                *settings.get(method, [])]))
+        validate(cfg)
         built = methods.build_method(cfg, model, tokenizer)
         encoder = SentenceEncoder(model, tokenizer, cfg.embed, batch_size=4, progress=False, method=built)
         vectors[method] = encoder.encode(GEMMA_SENTENCES)

@@ -79,7 +79,7 @@ def prepare(cfg: DictConfig) -> PreparedEvaluation:
     pca_triplets, pca_file = [], None
     if e.pca_fraction > 0:
         pca_file = nli.resolve_source(config.data, root)
-        pca_triplets, _ = nli.read_triplets(pca_file, config.data.max_sentence_chars)
+        pca_triplets, _ = nli.read_triplets(pca_file, config.data.max_sentence_chars, config.data.deduplicate)
     run_dir = rundir.run_dir_for(config.paths.runs_dir, config.run.group, resolve_run_name(cfg))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     return PreparedEvaluation(config, resolved, suites, eval_data, pca_triplets, pca_file, run_dir)

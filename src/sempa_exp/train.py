@@ -74,7 +74,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     if not root.is_dir():
         raise ConfigError(f"paths.data_dir does not exist: {root}")
     data_file = nli.resolve_source(config.data, root)
-    triplets, cleaning = nli.read_triplets(data_file, config.data.max_sentence_chars)
+    triplets, cleaning = nli.read_triplets(data_file, config.data.max_sentence_chars, config.data.deduplicate)
     log.info("data: %s", cleaning.summary())  # before the size check, so a too-small remainder is explained
     size = validate_against_data(config, len(triplets), world_size)
     chosen = nli.subset(triplets, size, config.data.subset_seed)
