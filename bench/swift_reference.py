@@ -492,6 +492,10 @@ def run(args: argparse.Namespace) -> dict:
     swift_records = swift_jsonl(records, cfg.data.system_prompt, setup["system_in_data"])
     jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in swift_records))
     dataset = train_dataset(cfg, triplets)
+    print(f"[data] ms-swift gets {len(swift_records)} records in trans_data.py's format ({data['records_from']}); "
+          f"system prompt {cfg.data.system_prompt!r} passed as "
+          + ("a data-level system message: ms-swift's gemma3_text template has no system slot (--system asserts) "
+             "and folds it into the first user turn" if setup["system_in_data"] else "--system, as run_dpo.sh does"))
     print(f"[data] {report.summary()}; {len(triplets)} pairs; project triplets vs trans_data.py rows: "
           f"{data.get('pairs_equal', '-')} equal, {data.get('n_differing', '-')} differ (whole file: "
           f"{data.get('whole_file_rows_differing', '-')} of {len(everything)} rows differ)", flush=True)
