@@ -147,3 +147,21 @@ def test_layer_settings_come_from_the_backbone_and_the_command_line_overrides_th
 def test_a_backbone_without_the_methods_layer_settings_is_refused_before_loading(eval_cfg):
     with pytest.raises(ConfigError, match="no method.layer / method.alpha for backbone=tiny.*sempa_exp.select"):
         evaluate.run(eval_cfg("method=contrastive_prompting", "~backbone.methods.contrastive_prompting"))
+
+
+def test_select_scores_every_grid_point_at_every_exit_layer_and_keeps_the_best(data_root, tmp_path, capsys):
+    from sempa_exp import select
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="select", overrides=[
+            *TINY_EVAL, "method=contrastive_prompting", f"paths.runs_dir={tmp_path / 'runs'}",
+            f"paths.data_dir={data_root}", "select.grids.contrastive_prompting.layer=[0,1]",
+            "select.grids.contrastive_prompting.alpha=[0.5]"])
+    record = select.select(cfg)
+    assert record["output_layers"] == [1, -1]  # the tiny model's 2 layers: from the middle to the final normed state
+    assert [(r["layer"], r["output_layer"]) for r in record["rows"]] == [(0, 1), (0, -1), (1, 1), (1, -1)]
+    assert record["best"] == max(record["rows"], key=lambda r: r["stsb_dev"])
+    saved = json.loads((tmp_path / "runs" / "select" / "tiny" / "contrastive_prompting.json").read_text())
+    assert saved["best"] == record["best"] and saved["criterion"] == "STS-B dev"
+    assert "methods:\n  contrastive_prompting:\n    layer:" in capsys.readouterr().out

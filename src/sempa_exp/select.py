@@ -13,7 +13,6 @@ point by STS-B dev Spearman (ties: the earlier grid point) is printed as the YAM
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import sys
 import time
@@ -97,7 +96,6 @@ def select(cfg: DictConfig) -> dict:
     print(f"[sempa-exp] {len(rows)} settings scored on STS-B dev; best {best['stsb_dev']:.2f}: {settings}")
     print(f"[sempa-exp] the search: {out_file}\n[sempa-exp] for conf/backbone/{config.backbone.name}.yaml:\n"
           + OmegaConf.to_yaml(OmegaConf.create(block)))
-    log.debug("%s", json.dumps(record)[:200])
     return record
 
 
