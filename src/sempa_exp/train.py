@@ -199,7 +199,7 @@ class Run:
                                          prep.world_size, use_cpu=self.device.type == "cpu")
             self.num_train_pairs = len(self.trainer.train_dataset)
             if self.num_train_pairs < len(dataset):
-                log.warning("%d of %d pairs are left out: longer than trainer.max_length=%d tokens (as ms-swift drops them)",
+                log.warning("%d of %d pairs are left out: longer than trainer.max_length=%d tokens (ms-swift too)",
                             len(dataset) - self.num_train_pairs, len(dataset), cfg.trainer.max_length)
             self.evaluate_step(0, cfg.eval.at_start, untrained=True)
             started = time.time()
