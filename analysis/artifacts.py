@@ -131,7 +131,7 @@ def read_pca_file(path: Path, default_method: str) -> list[PcaPanel]:
         if not isinstance(payload, dict):
             raise ArtifactError(f"{path.name}: expected a JSON object")
         method = method_key(payload["method"]) if isinstance(payload.get("method"), str) else default_method
-        if isinstance(payload.get("points"), list):  # already projected (sempa_exp.embedding_pca)
+        if isinstance(payload.get("points"), list):  # already projected (sempa_exp.evaluation.pca)
             return [_projected_panel(payload, method, path)]
         flat = {}
         for key, value in payload.items():

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sempa_exp.rundir import GENERATION_ONLY_STATUS, MAX_NAME_CHARS, RESULTS_FILE
-from sempa_exp.sts import SHORT_NAMES
-from sempa_exp.tracking import METRICS_FILE, read_metrics
+from sempa_exp.data.sts import SHORT_NAMES
+from sempa_exp.records.metrics import METRICS_FILE, read_metrics
+from sempa_exp.records.rundir import GENERATION_ONLY_STATUS, MAX_NAME_CHARS, RESULTS_FILE
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ seed, for ``--steps`` optimizer steps; each side runs in its own process (peak R
   i.e. train a different LoRA; with it on, both sides draw the same dropout masks.
 * ``trl_bf16``: the same, with the weights loaded in bf16 (``model_init_kwargs``). Not a competitor: the yardstick
   of numerical noise. Its loss differences to ``trl`` are what bf16 rounding alone does to the trajectory.
-* ``ours``: ``sempa_exp.training.build_trainer`` on the config ``trainer=cpu`` (plus the batch/steps overrides),
+* ``ours``: ``sempa_exp.objectives.recipe.build_trainer`` on the config ``trainer=cpu`` (plus the batch/steps overrides),
   i.e. the framework's defaults: bf16 weights, no gradient checkpointing, reference log-probs precomputed in
   length-sorted batches and cached on disk, completion-only LM head, micro-batches of a step regrouped by length.
   ``cold``: an empty cache; tokenization and the reference log-probs are part of its construction. ``warm``: a later
@@ -48,7 +48,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sempa_exp.schema import register_configs
+    from sempa_exp.config.schema import register_configs
     from sempa_exp.train import CONF_DIR
 
     register_configs()
@@ -66,9 +66,9 @@ def config_for(args: argparse.Namespace, cache_dir: str):
 
 def pairs(cfg):
     """The run's preference records: the framework's subset of the NLI triplets, in its order."""
-    from sempa_exp import nli
-    from sempa_exp.schema import data_dir
-    from sempa_exp.training import train_dataset
+    from sempa_exp.config.schema import data_dir
+    from sempa_exp.data import nli
+    from sempa_exp.objectives.recipe import train_dataset
 
     triplets, _ = nli.read_triplets(nli.resolve_source(cfg.data, data_dir(cfg)), cfg.data.max_sentence_chars)
     return train_dataset(cfg, nli.subset(triplets, cfg.data.size, cfg.data.subset_seed))
@@ -77,8 +77,8 @@ def pairs(cfg):
 def run_trl(cfg, out_dir: Path, weights_dtype: str | None = None):
     from trl import DPOConfig, DPOTrainer
 
-    from sempa_exp.backbones import model_path
-    from sempa_exp.training import peft_config
+    from sempa_exp.models.backbones import model_path
+    from sempa_exp.objectives.recipe import peft_config
 
     t = cfg.trainer
     dataset = pairs(cfg)
@@ -99,8 +99,8 @@ def run_trl(cfg, out_dir: Path, weights_dtype: str | None = None):
 def run_ours(cfg, out_dir: Path):
     import torch
 
-    from sempa_exp.backbones import load_backbone
-    from sempa_exp.training import build_trainer
+    from sempa_exp.models.backbones import load_backbone
+    from sempa_exp.objectives.recipe import build_trainer
 
     dataset = pairs(cfg)
     started = time.perf_counter()  # like the TRL side, which loads the model inside DPOTrainer

@@ -2,7 +2,7 @@
 
 For Echo embeddings (jakespringer/echo-embeddings), Pretended CoT (ZBWpro/PretCoTandKE), Token Prepending
 (fuyuchenIfyw/token_prepending) and Contrastive Prompting (zifengcheng/CP) this script computes, on the same
-sentences and the same weights (both sides load them through ``sempa_exp.backbones.load_backbone``):
+sentences and the same weights (both sides load them through ``sempa_exp.models.backbones.load_backbone``):
 
 * the REFERENCE embeddings, the way the authors' code computes them. None of the project's method code is used on
   this side; only the backbone loader, the STS reader and the scorer are shared.
@@ -44,7 +44,7 @@ sentences and the same weights (both sides load them through ``sempa_exp.backbon
 
 * the PROJECT's embeddings, through the project's own path. The config comes from Hydra (conf/evaluate.yaml with
   ``backbone=``, ``method=``, ``eval.dtype=`` and any ``method.<key>=`` overrides), then
-  ``sempa_exp.methods.load`` and ``SentenceEncoder(...).encode``.
+  ``sempa_exp.embedding.loading.load`` and ``SentenceEncoder(...).encode``.
 
 Compared on the first N distinct sentences of STS-B dev (file order, sentence1 then sentence2 per pair):
 
@@ -52,7 +52,7 @@ Compared on the first N distinct sentences of STS-B dev (file order, sentence1 t
   placeholder slot and replaces its embedding, so the slot is compared by position. For CP the auxiliary ids are
   compared too. For Echo the pooled-token mask is compared too.
 * the per-sentence cosine between the reference and the project vectors (min and mean), and the max |difference|.
-* with ``--stsb-dev``: the STS-B dev Spearman x100 of both sides over all 1500 pairs (sempa_exp.sts.score_task),
+* with ``--stsb-dev``: the STS-B dev Spearman x100 of both sides over all 1500 pairs (sempa_exp.data.sts.score_task),
   and its difference.
 
 Pass: identical token ids, min cosine > 0.9999, and, with ``--stsb-dev``, |STS-B dev difference| < 0.1.
@@ -65,7 +65,7 @@ the reference side. A sensitivity check runs the reference on the first 16 sente
 switched off (Echo: 'last' pooling; PretCoT: layer -1; TP: no prepending; CP: no steering), to show that a missing
 step would be noticed.
 
-Layer settings of TP and CP: these come from ``backbone.methods.<name>`` (``sempa_exp.schema.method_settings``). Where
+Layer settings of TP and CP: these come from ``backbone.methods.<name>`` (``sempa_exp.config.schema.method_settings``). Where
 the backbone has none, the script uses the authors' setting for their non-LLaMA-2 backbones: TP [1, 6), output
 -2 (the qwen2/gemma2 entries of token_prepending/config.yaml); CP layer 4, alpha 0.5 (LLaMA-2-7B), output -2. It passes
 these to the project as ``method.<key>=``. ``--setting key=value`` (or ``--setting token_prepending.exit_layer=5``)
@@ -511,7 +511,7 @@ def compose_project(backbone: str, method: str, dtype: str, data_dir: Path, over
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sempa_exp.schema import register_configs, validate
+    from sempa_exp.config.schema import register_configs, validate
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -537,9 +537,9 @@ class ProjectSide:
 def project_embed(config, sentences: Sequence[str]) -> ProjectSide:
     from omegaconf import OmegaConf
 
-    from sempa_exp import methods
-    from sempa_exp.embedding import SentenceEncoder
-    from sempa_exp.schema import LAYER_SETTINGS, method_settings
+    from sempa_exp.config.schema import LAYER_SETTINGS, method_settings
+    from sempa_exp.embedding import loading as methods
+    from sempa_exp.embedding.encoder import SentenceEncoder
 
     t0 = time.time()
     loaded = methods.load(config, torch.device("cpu"))
@@ -646,7 +646,7 @@ def compare_ids(method: str, ref: Reference, project: ProjectSide, tokenizer) ->
 
 
 def stsb_scores(dev, lookup: dict[str, np.ndarray]) -> float:
-    from sempa_exp.sts import score_task
+    from sempa_exp.data.sts import score_task
 
     def embed(sentences: Sequence[str]) -> np.ndarray:
         return np.stack([lookup[s] for s in sentences])
@@ -677,7 +677,7 @@ def versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def run_method(method: str, args: argparse.Namespace, dev, sentences: list[str], log: Callable[[str], None]) -> dict:
-    from sempa_exp.backbones import load_backbone, model_path
+    from sempa_exp.models.backbones import load_backbone, model_path
 
     backbone_methods: dict = {}
     if method in SETTING_KEYS:  # what the backbone config holds, before any override
@@ -801,7 +801,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.data_dir = args.data_dir.resolve()
-    from sempa_exp.sts import load_stsb_dev
+    from sempa_exp.data.sts import load_stsb_dev
 
     checked = verify_official_strings(MIRRORS)
     for line in checked:

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sempa_exp import sts
-from sempa_exp.backbones import load_backbone
-from sempa_exp.embedding import SentenceEncoder
-from sempa_exp.evaluation import evaluate, load_eval_data
-from sempa_exp.schema import BackboneConfig, EmbedConfig
-from sempa_exp.templates import embedding_prompt
+from sempa_exp.config.schema import BackboneConfig, EmbedConfig
+from sempa_exp.data import sts
+from sempa_exp.data.prompts import embedding_prompt
+from sempa_exp.embedding.encoder import SentenceEncoder
+from sempa_exp.evaluation.suites import evaluate, load_eval_data
+from sempa_exp.models.backbones import load_backbone
 
 PROMPTEOL = EmbedConfig(name="prompteol", template='This sentence : "{s}" means in one word:"', pooling="last")
 BACKBONES = {

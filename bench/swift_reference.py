@@ -4,7 +4,7 @@ framework's trainer, on the same pairs, the same initial LoRA weights and the sa
 What it checks, for one backbone (``--backbone smollm2_135m`` or ``gemma3_270m``):
 
 1. Data. The project's pairs (the Hydra config ``conf/config.yaml`` composed with ``backbone=<name>``,
-   ``data.size=<pairs>``; ``sempa_exp.nli.load_triplets`` / ``subset`` / ``dpo_records``) against the official
+   ``data.size=<pairs>``; ``sempa_exp.data.nli.load_triplets`` / ``subset`` / ``dpo_records``) against the official
    ``trans_data.py`` processing (pandas, ``str(sent0)``, stripped hypotheses) of the same CSV rows. The ms-swift side
    gets the official records, in ``trans_data.py``'s JSONL format, in the project's order. System prompt: SmolLM2
    (``chatml``) gets it as ``--system``, as ``run_dpo.sh`` passes it; ms-swift's ``gemma3_text`` template has no system
@@ -12,7 +12,7 @@ What it checks, for one backbone (``--backbone smollm2_135m`` or ``gemma3_270m``
    which the template folds into the first user turn (``system + "\\n\\n" + query``).
 2. Tokens. Every pair as ms-swift encodes it (its template in ``rlhf`` mode: ``chatml`` with model_type ``llama``
    for SmolLM2, ``gemma3_text`` for Gemma 3; both the template's own ``encode`` and the rows its trainer was given)
-   against the rows the project's trainer trains on (``sempa_exp.training.build_trainer``: TRL tokenization, the
+   against the rows the project's trainer trains on (``sempa_exp.objectives.recipe.build_trainer``: TRL tokenization, the
    completion cut after ``backbone.turn_end``, the length filter at ``trainer.max_length``). Equal when the full
    prompt+chosen and prompt+rejected ids are equal and the scored positions (ms-swift's labels != -100; the project's
    completion positions) are equal.
@@ -78,12 +78,12 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rew
 
 
 def compose(overrides: list[str]):
-    """The project's Hydra config (conf/config.yaml) with these overrides, as a typed ``sempa_exp.schema.Config``."""
+    """The project's Hydra config (conf/config.yaml) with these overrides, as a typed ``sempa_exp.config.schema.Config``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sempa_exp.schema import register_configs
+    from sempa_exp.config.schema import register_configs
     from sempa_exp.train import CONF_DIR
 
     register_configs()
@@ -126,8 +126,8 @@ def project_pairs(cfg) -> tuple[list, list, list[int] | None, Any, Path]:
     skipped, so that the i-th usable triplet is no longer the i-th row), the cleaning report, the data file."""
     import numpy as np
 
-    from sempa_exp import nli
-    from sempa_exp.schema import data_dir
+    from sempa_exp.config.schema import data_dir
+    from sempa_exp.data import nli
 
     source = nli.resolve_source(cfg.data, data_dir(cfg))
     triplets, report = nli.load_triplets(cfg.data, data_dir(cfg))
@@ -141,7 +141,7 @@ def project_pairs(cfg) -> tuple[list, list, list[int] | None, Any, Path]:
 
 
 def as_official(cfg, t) -> tuple[str, str, str]:
-    from sempa_exp.templates import fill
+    from sempa_exp.data.prompts import fill
 
     return fill(cfg.template.text, t.premise), t.entailment, t.contradiction
 
@@ -243,7 +243,7 @@ def load_lora(model, tensors: dict) -> int:
 
 def project_rows(trainer) -> dict[int, dict]:
     """What the project's trainer trains on, per source pair: full ids and the scored-position mask."""
-    from sempa_exp.fast_dpo import SOURCE_ROW
+    from sempa_exp.objectives.dpo import SOURCE_ROW
 
     ds = trainer.train_dataset
     sources = ds[SOURCE_ROW] if SOURCE_ROW in ds.column_names else list(range(len(ds)))
@@ -377,9 +377,9 @@ def run_swift(python: str, spec: dict, work: Path, verbose: bool) -> dict:
 
 
 def stsb_dev(cfg, model, tokenizer) -> float:
-    from sempa_exp.embedding import SentenceEncoder
-    from sempa_exp.evaluation import evaluate, load_eval_data
-    from sempa_exp.schema import data_dir
+    from sempa_exp.config.schema import data_dir
+    from sempa_exp.embedding.encoder import SentenceEncoder
+    from sempa_exp.evaluation.suites import evaluate, load_eval_data
 
     data = load_eval_data(data_dir(cfg), ["stsb_dev"])
     encoder = SentenceEncoder(model, tokenizer, cfg.embed, batch_size=cfg.eval.batch_size,
@@ -462,9 +462,9 @@ def run(args: argparse.Namespace) -> dict:
     from safetensors.torch import load_file, save_file
     from transformers.trainer_utils import SaveStrategy
 
-    from sempa_exp.backbones import load_backbone, model_path
-    from sempa_exp.schema import validate
-    from sempa_exp.training import build_trainer, train_dataset
+    from sempa_exp.config.schema import validate
+    from sempa_exp.models.backbones import load_backbone, model_path
+    from sempa_exp.objectives.recipe import build_trainer, train_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)

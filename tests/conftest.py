@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from sempa_exp.schema import register_configs
+from sempa_exp.config.schema import register_configs
 from sempa_exp.train import CONF_DIR
 
 SUBJECTS = ["a man", "a woman", "the dog", "two children", "a cat", "the chef", "a girl", "an old man"]

@@ -23,8 +23,8 @@ from analysis.tables import aligned_tokens_table
 from analysis.wandb_source import record_from_wandb
 from conftest import TINY_OVERRIDES, compose_config
 from sempa_exp import evaluate, train
-from sempa_exp.schema import register_configs
-from sempa_exp.tracking import read_metrics
+from sempa_exp.config.schema import register_configs
+from sempa_exp.records.metrics import read_metrics
 from sempa_exp.train import CONF_DIR
 
 DATA_GROUP, TEMPLATE_GROUP, EVAL_GROUP = "ds", "tpl", "ev"
@@ -358,7 +358,7 @@ def test_generation_table_takes_base_sempa_and_foil_records_with_deltas():
 
 def test_generation_only_record_stays_out_of_the_sts_tables(tmp_path, sweep):
     from analysis.tables import main_sts_table, runs_overview
-    from sempa_exp.rundir import GENERATION_ONLY_STATUS, RESULTS_FILE
+    from sempa_exp.records.rundir import GENERATION_ONLY_STATUS, RESULTS_FILE
 
     run_dir = tmp_path / "base" / "tiny"
     run_dir.mkdir(parents=True)
@@ -377,7 +377,7 @@ def test_generation_only_record_stays_out_of_the_sts_tables(tmp_path, sweep):
 
 def test_sweep_runs_are_labelled_by_the_overrides_that_differ():
     from analysis.runs import RunRecord, shorten_names
-    from sempa_exp.rundir import run_name_from_overrides
+    from sempa_exp.records.rundir import run_name_from_overrides
 
     fixed = "backbone=smollm2_135m,eval.at_end=_sts,stsb_dev_,trainer.checkpoint_every_samples=64"
     long_fixed = fixed + ",trainer.max_length=128" + ",x" * 60  # cut by run_name_from_overrides, hash suffix

@@ -17,7 +17,7 @@ from omegaconf.errors import ValidationError
 
 from conftest import TINY_OVERRIDES, compose_config, make_data_root
 from sempa_exp import train
-from sempa_exp.schema import ConfigError, validate
+from sempa_exp.config.schema import ConfigError, validate
 
 CONF = Path(train.CONF_DIR)
 NOT_OPTION_GROUPS = {"experiment", "hydra"}

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from sempa_exp import train
-from sempa_exp.backbones import build_tiny_tokenizer
-from sempa_exp.contrastive import TripletCollator, info_nce
-from sempa_exp.schema import EmbedConfig
-from sempa_exp.tracking import read_metrics
+from sempa_exp.config.schema import EmbedConfig
+from sempa_exp.models.backbones import build_tiny_tokenizer
+from sempa_exp.objectives.infonce import TripletCollator, info_nce
+from sempa_exp.records.metrics import read_metrics
 
 PROMPTEOL = EmbedConfig(name="prompteol", template='This sentence : "{s}" means in one word:"')
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_OVERRIDES
-from sempa_exp import distributed, train
-from sempa_exp.tracking import read_metrics
+from sempa_exp import train
+from sempa_exp.launch import distributed
+from sempa_exp.records.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # A learning rate high enough for the loss to move well away from log(2) in 4 steps; no dropout, whose masks are

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from sempa_exp import nli
-from sempa_exp.backbones import load_backbone
-from sempa_exp.fast_dpo import end_at_turn_end
-from sempa_exp.schema import data_dir
-from sempa_exp.training import build_trainer, train_dataset
+from sempa_exp.config.schema import data_dir
+from sempa_exp.data import nli
+from sempa_exp.models.backbones import load_backbone
+from sempa_exp.objectives.dpo import end_at_turn_end
+from sempa_exp.objectives.recipe import build_trainer, train_dataset
 
 
 def prepared(tiny_cfg, tmp_path: Path, *overrides: str, size: int = 4):

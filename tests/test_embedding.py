@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from sempa_exp.backbones import load_backbone
-from sempa_exp.embedding import SentenceEncoder
-from sempa_exp.schema import BackboneConfig, EmbedConfig
-from sempa_exp.templates import embedding_prompt
+from sempa_exp.config.schema import BackboneConfig, EmbedConfig
+from sempa_exp.data.prompts import embedding_prompt
+from sempa_exp.embedding.encoder import SentenceEncoder
+from sempa_exp.models.backbones import load_backbone
 
 PROMPTEOL = EmbedConfig(name="prompteol", template='This sentence : "{s}" means in one word:"', pooling="last")
 MEAN = EmbedConfig(name="mean", template="{s}", pooling="mean", prompteol_preprocess=False)
@@ -106,7 +106,7 @@ def test_lora_layers_are_active_when_embedding(tiny):
 def test_embedding_cache_round_trips_sentences_with_their_vectors(tmp_path):
     from types import SimpleNamespace
 
-    from sempa_exp.evaluation import EmbeddingCache
+    from sempa_exp.evaluation.suites import EmbeddingCache
 
     key = {"backbone": "tiny", "embed": "prompteol"}
     written = SimpleNamespace(memo={"a \"quoted\" one": np.array([1.0, 2.0], dtype=np.float32),
@@ -125,7 +125,7 @@ def test_embedding_cache_round_trips_sentences_with_their_vectors(tmp_path):
 def test_a_damaged_embedding_cache_is_ignored_not_fatal(tmp_path):
     from types import SimpleNamespace
 
-    from sempa_exp.evaluation import EmbeddingCache
+    from sempa_exp.evaluation.suites import EmbeddingCache
 
     cache = EmbeddingCache(tmp_path, {"backbone": "tiny"})
     cache.save_from(SimpleNamespace(memo={"a": np.ones(2, np.float32)}))

@@ -14,9 +14,9 @@ from hydra import compose, initialize_config_dir
 from peft import LoraConfig, get_peft_model
 
 from sempa_exp import evaluate
-from sempa_exp.backbones import load_backbone
-from sempa_exp.schema import BackboneConfig, ConfigError, register_configs
-from sempa_exp.sts import SHORT_NAMES
+from sempa_exp.config.schema import BackboneConfig, ConfigError, register_configs
+from sempa_exp.data.sts import SHORT_NAMES
+from sempa_exp.models.backbones import load_backbone
 from sempa_exp.train import CONF_DIR
 
 TINY_EVAL = [

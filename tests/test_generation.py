@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, compose_config, make_data_root
-from sempa_exp import gen_eval, generation, nli, perplexity, train
-from sempa_exp.backbones import load_backbone
-from sempa_exp.schema import BackboneConfig, ConfigError, GenConfig
-from sempa_exp.tracking import read_metrics
+from sempa_exp import gen_eval, train
+from sempa_exp.config.schema import BackboneConfig, ConfigError, GenConfig
+from sempa_exp.data import nli
+from sempa_exp.evaluation import generation, perplexity
+from sempa_exp.models.backbones import load_backbone
+from sempa_exp.records.metrics import read_metrics
 
 TRUTHFULQA_ITEMS = [
     {"question": "What color is the sky on a clear day?",
@@ -241,7 +243,7 @@ def test_gen_eval_on_a_tiny_run_base_and_at_end(tmp_path):
 def test_bad_generation_settings_are_rejected_before_any_model(override, key, tmp_path):
     from omegaconf import OmegaConf
 
-    from sempa_exp.schema import validate
+    from sempa_exp.config.schema import validate
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(OmegaConf.to_object(compose_config([*TINY_OVERRIDES, override], tmp_path)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sempa_exp.geometry import isotropy, uniformity
+from sempa_exp.evaluation.geometry import isotropy, uniformity
 
 
 def test_uniformity_of_identical_vectors_is_zero():

@@ -9,15 +9,15 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from sempa_exp.backbones import load_backbone
-from sempa_exp.embedding import SentenceEncoder
-from sempa_exp.methods.base import decoder_of
-from sempa_exp.methods.checkpoint import check_backbone, resolve_adapter, trained_samples
-from sempa_exp.methods.contrastive_prompting import ContrastivePromptingMethod, steer
-from sempa_exp.methods.echo import EchoMethod
-from sempa_exp.methods.prompt import PromptMethod
-from sempa_exp.methods.token_prepending import TokenPrependingMethod
-from sempa_exp.schema import BackboneConfig, ConfigError, EmbedConfig
+from sempa_exp.config.schema import BackboneConfig, ConfigError, EmbedConfig
+from sempa_exp.embedding.base import decoder_of
+from sempa_exp.embedding.checkpoint import check_backbone, resolve_adapter, trained_samples
+from sempa_exp.embedding.contrastive_prompting import ContrastivePromptingMethod, steer
+from sempa_exp.embedding.echo import EchoMethod
+from sempa_exp.embedding.encoder import SentenceEncoder
+from sempa_exp.embedding.prompt import PromptMethod
+from sempa_exp.embedding.token_prepending import TokenPrependingMethod
+from sempa_exp.models.backbones import load_backbone
 
 PROMPTEOL = EmbedConfig(name="prompteol", template='This sentence : "{s}" means in one word:"')
 MEAN = EmbedConfig(name="mean", template="{s}", pooling="mean", prompteol_preprocess=False)
@@ -254,7 +254,7 @@ def tiny_gemma(tiny):
 
 
 def test_every_decoder_method_runs_on_gemma3_through_the_architecture_map(tiny_gemma):
-    from sempa_exp.methods.architecture import decoder_parts
+    from sempa_exp.models.architecture import decoder_parts
 
     model, tokenizer = tiny_gemma
     parts = decoder_parts(model)
@@ -287,7 +287,7 @@ def test_token_prepending_scales_the_placeholder_like_a_row_of_a_scaled_embeddin
 def test_an_unsupported_architecture_is_refused_by_name():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from sempa_exp.methods.architecture import decoder_parts
+    from sempa_exp.models.architecture import decoder_parts
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=16))
     with pytest.raises(ConfigError, match="'gpt2' is not supported.*gemma3_text.*llama"):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sempa_exp import nli
-from sempa_exp.schema import ConfigError, DataConfig
+from sempa_exp.config.schema import ConfigError, DataConfig
+from sempa_exp.data import nli
 
 HEADER = b"sent0,sent1,hard_neg\n"
 

@@ -1,4 +1,4 @@
-"""The DPO speed-ups of sempa_exp.fast_dpo keep TRL's numbers: completion-only LM head, precomputed and cached
+"""The DPO speed-ups of sempa_exp.objectives.dpo keep TRL's numbers: completion-only LM head, precomputed and cached
 reference log-probs, the prepared-data cache and its keys (tiny backbone, fp32)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 from datasets import Dataset
 from omegaconf import OmegaConf
 
-from sempa_exp import nli
-from sempa_exp.backbones import load_backbone
-from sempa_exp.fast_dpo import SOURCE_ROW, PreparedDataCache, cache_ingredients, cache_key, prepared_data_cache
-from sempa_exp.schema import data_dir
-from sempa_exp.training import build_trainer, train_dataset
+from sempa_exp.config.schema import data_dir
+from sempa_exp.data import nli
+from sempa_exp.models.backbones import load_backbone
+from sempa_exp.objectives.dpo import SOURCE_ROW, PreparedDataCache, cache_ingredients, cache_key, prepared_data_cache
+from sempa_exp.objectives.recipe import build_trainer, train_dataset
 
 ALL_OFF = ["trainer.completion_only_logits=false", "trainer.precompute_ref_logps=false",
            "trainer.cache_prepared_data=false", "trainer.sort_within_step=false"]
@@ -209,10 +209,10 @@ import json, sys
 from pathlib import Path
 from omegaconf import OmegaConf
 from conftest import compose_config, TINY_OVERRIDES
-from sempa_exp import nli
-from sempa_exp.backbones import load_backbone
-from sempa_exp.schema import data_dir
-from sempa_exp.training import build_trainer, train_dataset
+from sempa_exp.data import nli
+from sempa_exp.models.backbones import load_backbone
+from sempa_exp.config.schema import data_dir
+from sempa_exp.objectives.recipe import build_trainer, train_dataset
 root, cache, out = map(Path, sys.argv[1:4])
 cfg = OmegaConf.to_object(compose_config([*TINY_OVERRIDES, f"paths.cache_dir={cache}"], root))
 triplets, _ = nli.read_triplets(nli.resolve_source(cfg.data, data_dir(cfg)), cfg.data.max_sentence_chars)

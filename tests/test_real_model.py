@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config
 from sempa_exp import train
-from sempa_exp.backbones import load_backbone
-from sempa_exp.embedding import SentenceEncoder
-from sempa_exp.evaluation import evaluate, load_eval_data
-from sempa_exp.schema import register_configs, validate
+from sempa_exp.config.schema import register_configs, validate
+from sempa_exp.embedding.encoder import SentenceEncoder
+from sempa_exp.evaluation.suites import evaluate, load_eval_data
+from sempa_exp.models.backbones import load_backbone
 
 pytestmark = pytest.mark.real_model
 
@@ -86,8 +86,8 @@ def gemma(smollm2_cache):
 
 @needs_gemma
 def test_gemma_loads_through_the_architecture_map_and_every_method_embeds(gemma, smollm2_cache):
-    from sempa_exp import methods
-    from sempa_exp.methods.architecture import decoder_parts
+    from sempa_exp.embedding import loading as methods
+    from sempa_exp.models.architecture import decoder_parts
 
     model, tokenizer = gemma
     parts = decoder_parts(model)

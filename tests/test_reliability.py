@@ -25,10 +25,11 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, compose_config, make_data_root
-from sempa_exp import rundir, sync_wandb, train
-from sempa_exp.schema import ConfigError, LoggerConfig
-from sempa_exp.tracking import RunLogger, read_metrics
-from sempa_exp.training import NonFiniteLossError
+from sempa_exp import sync_wandb, train
+from sempa_exp.config.schema import ConfigError, LoggerConfig
+from sempa_exp.objectives.recipe import NonFiniteLossError
+from sempa_exp.records import rundir
+from sempa_exp.records.metrics import RunLogger, read_metrics
 
 # 64 pairs / (4 x 2) = 8 optimizer steps, a checkpoint every 2 steps
 RUN_OVERRIDES = [*TINY_OVERRIDES, "data.size=64", "data.deduplicate=true"]  # the option; the default keeps them
@@ -349,7 +350,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(reference, messy_root, tmp_
 
 def test_a_checkpoint_saved_but_not_yet_evaluated_is_evaluated_on_resume(tiny_cfg, monkeypatch):
     """The deterministic version of a kill that lands between saving a checkpoint and evaluating it."""
-    from sempa_exp.training import CheckpointEvalCallback
+    from sempa_exp.objectives.recipe import CheckpointEvalCallback
 
     class Killed(Exception):
         pass

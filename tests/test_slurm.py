@@ -19,7 +19,7 @@ import torch
 
 from conftest import compose_config, make_data_root
 from sempa_exp import train
-from sempa_exp.tracking import read_metrics
+from sempa_exp.records.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sempa_exp import sts
-from sempa_exp.evaluation import EvalData, evaluate, load_eval_data
-from sempa_exp.schema import ConfigError
+from sempa_exp.config.schema import ConfigError
+from sempa_exp.data import sts
+from sempa_exp.evaluation.suites import EvalData, evaluate, load_eval_data
 
 
 def make_split(name: str, sims: list[float], gold: list[float]) -> tuple[sts.StsSplit, dict[str, np.ndarray]]:

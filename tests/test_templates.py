@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sempa_exp.templates import dpo_prompt_messages, embedding_prompt, fill, prompteol_preprocess
+from sempa_exp.data.prompts import dpo_prompt_messages, embedding_prompt, fill, prompteol_preprocess
 
 PROMPTEOL = 'This sentence : "{s}" means in one word:"'
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from sempa_exp import nli, sts
-from sempa_exp.backbones import build_tiny_tokenizer
-from sempa_exp.embedding_pca import nli_pca, pca_2d, pca_sample
-from sempa_exp.token_alignment import aligned_token_examples, aligned_token_ids, gar, gar_score, gar_sentences
+from sempa_exp.data import nli, sts
+from sempa_exp.evaluation.alignment import aligned_token_examples, aligned_token_ids, gar, gar_score, gar_sentences
+from sempa_exp.evaluation.pca import nli_pca, pca_2d, pca_sample
+from sempa_exp.models.backbones import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from sempa_exp import train
-from sempa_exp.tracking import read_metrics
+from sempa_exp.records.metrics import read_metrics
 
 
 def test_tiny_run_trains_checkpoints_and_evaluates(tiny_cfg):

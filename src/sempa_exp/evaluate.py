@@ -26,17 +26,19 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from sempa_exp import methods, nli, rundir
-from sempa_exp.backbones import backbone_fingerprint
-from sempa_exp.embedding import SentenceEncoder
-from sempa_exp.embedding_pca import nli_pca
-from sempa_exp.evaluation import GEOMETRY_SAMPLE_DOC, EmbeddingCache, EvalData, evaluate, load_eval_data
-from sempa_exp.launcher import register_launcher_configs
-from sempa_exp.methods.base import lm_head_of
-from sempa_exp.schema import Config, ConfigError, data_dir, method_settings, register_configs, validate
-from sempa_exp.sts import SHORT_NAMES
-from sempa_exp.token_alignment import GAR_SAMPLE_DOC, aligned_token_examples
-from sempa_exp.tracking import RunLogger, rewind_metrics
+from sempa_exp.config.schema import Config, ConfigError, data_dir, method_settings, register_configs, validate
+from sempa_exp.data import nli
+from sempa_exp.data.sts import SHORT_NAMES
+from sempa_exp.embedding import loading as methods
+from sempa_exp.embedding.base import lm_head_of
+from sempa_exp.embedding.encoder import SentenceEncoder
+from sempa_exp.evaluation.alignment import GAR_SAMPLE_DOC, aligned_token_examples
+from sempa_exp.evaluation.pca import nli_pca
+from sempa_exp.evaluation.suites import GEOMETRY_SAMPLE_DOC, EmbeddingCache, EvalData, evaluate, load_eval_data
+from sempa_exp.launch.launcher import register_launcher_configs
+from sempa_exp.models.backbones import backbone_fingerprint
+from sempa_exp.records import rundir
+from sempa_exp.records.metrics import RunLogger, rewind_metrics
 from sempa_exp.train import CONF_DIR, resolve_run_name
 
 log = logging.getLogger("sempa_exp")

@@ -1,7 +1,7 @@
 """Entry point: ``python -m sempa_exp.gen_eval [gen.target=DIR] [gen=quick] [gen.limit=N] [overrides]``.
 
-Evaluates the generation capability of one model state with lm-evaluation-harness (sempa_exp.generation) and the
-perplexity proxy (sempa_exp.perplexity):
+Evaluates the generation capability of one model state with lm-evaluation-harness (sempa_exp.evaluation.generation) and the
+perplexity proxy (sempa_exp.evaluation.perplexity):
 
 - ``gen.target`` unset: the untrained backbone (``backbone=...``); results go to ``<runs_dir>/base/<backbone>/``.
 - ``gen.target=<run dir>``: the run's final ``adapter/``, on the backbone, data and template the run was trained with.
@@ -23,12 +23,13 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sempa_exp import nli, rundir
-from sempa_exp.backbones import load_backbone
-from sempa_exp.generation import evaluate_generation, flat_metrics, store_generation
-from sempa_exp.perplexity import build_proxy_set
-from sempa_exp.schema import Config, ConfigError, data_dir, register_configs, validate
-from sempa_exp.tracking import RunLogger
+from sempa_exp.config.schema import Config, ConfigError, data_dir, register_configs, validate
+from sempa_exp.data import nli
+from sempa_exp.evaluation.generation import evaluate_generation, flat_metrics, store_generation
+from sempa_exp.evaluation.perplexity import build_proxy_set
+from sempa_exp.models.backbones import load_backbone
+from sempa_exp.records import rundir
+from sempa_exp.records.metrics import RunLogger
 from sempa_exp.train import CONF_DIR
 
 log = logging.getLogger("sempa_exp")

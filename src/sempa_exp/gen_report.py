@@ -16,8 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from sempa_exp.generation import BENCHMARKS
-from sempa_exp.rundir import RESULTS_FILE
+from sempa_exp.evaluation.generation import BENCHMARKS
+from sempa_exp.records.rundir import RESULTS_FILE
 
 TASK_LABELS = {
     "gsm8k_cot": "GSM8K CoT 8-shot",

@@ -22,12 +22,14 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from sempa_exp import methods, rundir, sts
-from sempa_exp.backbones import load_backbone
-from sempa_exp.embedding import SentenceEncoder
+from sempa_exp.config.schema import Config, ConfigError, data_dir, register_configs, validate
+from sempa_exp.data import sts
+from sempa_exp.embedding import loading as methods
+from sempa_exp.embedding.encoder import SentenceEncoder
 from sempa_exp.evaluate import device_for
-from sempa_exp.methods.architecture import decoder_parts
-from sempa_exp.schema import Config, ConfigError, data_dir, register_configs, validate
+from sempa_exp.models.architecture import decoder_parts
+from sempa_exp.models.backbones import load_backbone
+from sempa_exp.records import rundir
 from sempa_exp.train import CONF_DIR
 
 log = logging.getLogger("sempa_exp")

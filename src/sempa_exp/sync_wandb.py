@@ -2,7 +2,7 @@
 
     python -m sempa_exp.sync_wandb RUN_DIR [RUN_DIR ...] [--mode online|offline] [--project P] [--entity E]
 
-``metrics.jsonl`` is the source of truth (sempa_exp.tracking). When W&B was unreachable, or failed mid-run, this logs
+``metrics.jsonl`` is the source of truth (sempa_exp.records.metrics). When W&B was unreachable, or failed mid-run, this logs
 every record again into the W&B run with the run directory's deterministic id (``rundir.run_id_for``): the same run a
 training process would have written, resumed when it exists. W&B keeps the steps it already holds and ignores replayed
 records below its last step, so syncing twice duplicates nothing.
@@ -18,9 +18,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sempa_exp import rundir
-from sempa_exp.schema import ConfigError, LoggerConfig
-from sempa_exp.tracking import init_wandb_run, read_metrics, wandb_mode
+from sempa_exp.config.schema import ConfigError, LoggerConfig
+from sempa_exp.records import rundir
+from sempa_exp.records.metrics import init_wandb_run, read_metrics, wandb_mode
 
 log = logging.getLogger(__name__)
 

@@ -20,16 +20,17 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sempa_exp import nli, rundir
-from sempa_exp.backbones import backbone_fingerprint, load_backbone
-from sempa_exp.distributed import export_from_submitit
-from sempa_exp.embedding import SentenceEncoder
-from sempa_exp.evaluation import GEOMETRY_SAMPLE_DOC, EmbeddingCache, EvalData, evaluate, load_eval_data
-from sempa_exp.launcher import register_launcher_configs
-from sempa_exp.perplexity import build_proxy_set
-from sempa_exp.reporting import print_summary
-from sempa_exp.schema import Config, ConfigError, data_dir, register_configs, validate, validate_against_data
-from sempa_exp.tracking import RunLogger, read_metrics, rewind_metrics
+from sempa_exp.config.schema import Config, ConfigError, data_dir, register_configs, validate, validate_against_data
+from sempa_exp.data import nli
+from sempa_exp.embedding.encoder import SentenceEncoder
+from sempa_exp.evaluation.perplexity import build_proxy_set
+from sempa_exp.evaluation.suites import GEOMETRY_SAMPLE_DOC, EmbeddingCache, EvalData, evaluate, load_eval_data
+from sempa_exp.launch.distributed import export_from_submitit
+from sempa_exp.launch.launcher import register_launcher_configs
+from sempa_exp.models.backbones import backbone_fingerprint, load_backbone
+from sempa_exp.records import rundir
+from sempa_exp.records.metrics import RunLogger, read_metrics, rewind_metrics
+from sempa_exp.records.summary import print_summary
 
 log = logging.getLogger("sempa_exp")
 
@@ -157,7 +158,7 @@ class Run:
         return metrics
 
     def execute(self) -> dict:
-        from sempa_exp.training import (
+        from sempa_exp.objectives.recipe import (
             CheckpointEvalCallback,
             MetricsCallback,
             build_trainer,
@@ -220,7 +221,7 @@ class Run:
 
     def evaluate_generation(self, final_step: int) -> None:
         """gen.at_end: lm-eval benchmarks + perplexity proxy on the trained policy (PEFT, not merged)."""
-        from sempa_exp.generation import evaluate_generation, flat_metrics, store_generation
+        from sempa_exp.evaluation.generation import evaluate_generation, flat_metrics, store_generation
 
         cfg = self.cfg
         info = {"backbone": cfg.backbone.name, "adapter": str(self.prep.run_dir / "adapter"), "merged": False,

@@ -1,0 +1,111 @@
+"""What every embedding method shares: the interface SentenceEncoder drives, left padding, the decoder forward, pooling.
+
+A method turns sentences into model inputs (``features``) and one batch of those inputs into vectors (``embed_batch``).
+SentenceEncoder owns everything else: de-duplication, length-sorted batching, eval mode, memoisation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from sempa_exp.models.architecture import decoder_parts
+
+
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer stack below the LM head, through a PEFT wrapper if there is one (LoRA layers stay active);
+    found by architecture (sempa_exp.models.architecture), an unsupported one is refused by name."""
+    return decoder_parts(model).decoder
+
+
+def lm_head_of(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The output projection onto the vocabulary, or None for encoders without one."""
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class EmbeddingMethod(ABC):
+    """How one sentence becomes model input and one batch of inputs becomes vectors."""
+
+    #: what determines the vectors besides the backbone, dtype, embed config and max_length (the key parts of
+    #: evaluation.EmbeddingCache); None = never cache them on disk (e.g. trained adapters)
+    cache_key: dict | None = None
+    #: whether the vectors live in the LM's hidden space, so projecting them through the LM head means something
+    has_lm_head: bool = True
+
+    @abstractmethod
+    def features(self, sentences: Sequence[str]) -> list[dict]:
+        """One dict per sentence; ``input_ids`` (a list) is required: batches are formed by its length."""
+
+    @abstractmethod
+    def embed_batch(self, model: torch.nn.Module, batch: list[dict]) -> torch.Tensor:
+        """(batch, dim) vectors for a batch of ``features`` dicts."""
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(input_ids, attention_mask, offsets): left padding puts every sequence's last token at position -1;
+    ``offsets[row]`` is where that row's first real token sits."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    offsets = []
+    for row, seq in enumerate(sequences):
+        start = width - len(seq)
+        input_ids[row, start:] = torch.as_tensor(list(seq), dtype=torch.long)
+        attention[row, start:] = 1
+        offsets.append(start)
+    return input_ids, attention, offsets
+
+
+def left_pad_mask(masks: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    """Per-token 0/1 masks aligned with :func:`left_pad` rows of the given width."""
+    out = torch.zeros((len(masks), width), dtype=torch.long)
+    for row, mask in enumerate(masks):
+        out[row, width - len(mask):] = torch.as_tensor(list(mask), dtype=torch.long)
+    return out
+
+
+def decoder_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor,
+                   output_layer: int | Sequence[int] | None = None) -> torch.Tensor:
+    """Hidden states (batch, seq, dim) of the final layer after the final norm, or of ``hidden_states[output_layer]``
+    (0 = token embeddings, k = output of decoder layer k - 1 before any norm, -1 = final after norm) when an early
+    exit is asked for. Several layers (a sequence) come concatenated along the last axis: (batch, seq, k * dim), so
+    one forward scores every candidate layer of a selection."""
+    device = input_ids.device
+    if output_layer is None:
+        return decoder(input_ids=input_ids, attention_mask=attention.to(device), use_cache=False).last_hidden_state
+    out = decoder(input_ids=input_ids, attention_mask=attention.to(device), use_cache=False, output_hidden_states=True)
+    if isinstance(output_layer, int):
+        return out.hidden_states[output_layer]
+    return torch.cat([out.hidden_states[i] for i in output_layer], dim=-1)
+
+
+def pool(hidden: torch.Tensor, pooling: str, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``last``: the last position (left padding: every row's final token); ``mean``: the mean over ``keep``."""
+    if pooling == "last":
+        return hidden[:, -1, :]
+    if keep is None:
+        raise ValueError("mean pooling needs a mask of the positions to average")
+    weights = keep.to(hidden.device, hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+@contextmanager
+def hooks(registrations: Iterable[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    """Keeps the hooks (registered as ``registrations`` is consumed, e.g. a generator) for the block and removes every
+    one of them on exit, also after an error."""
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for handle in registrations:
+            handles.append(handle)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

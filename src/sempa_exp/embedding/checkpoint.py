@@ -1,0 +1,85 @@
+"""A trained LoRA adapter (SemPA or the contrastive foil) on its backbone, evaluated with the ``embed`` prompt.
+
+``method.path`` may be an adapter folder (``<run>/adapter``), an HF Trainer checkpoint (``<run>/checkpoints/
+checkpoint-N``, which holds the adapter of that step) or a run directory (its final ``adapter/``). When the path lies
+inside a run directory, that run's config must name the same backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from sempa_exp.config.schema import ConfigError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def resolve_adapter(path: str | Path) -> Path:
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ConfigError(f"method.path does not exist: {folder}")
+    for candidate in (folder, folder / "adapter"):
+        if (candidate / ADAPTER_CONFIG).exists():
+            return candidate
+    raise ConfigError(f"method.path={folder} holds no LoRA adapter: expected {ADAPTER_CONFIG} in it or in its "
+                      f"adapter/ folder (pass a run directory, its adapter/ or one of its checkpoints/checkpoint-N)")
+
+
+def owning_run_config(adapter_dir: Path) -> dict | None:
+    """The config.json of the run the adapter belongs to (adapter/, checkpoints/checkpoint-N), if any."""
+    for folder in (adapter_dir.parent, adapter_dir.parent.parent):
+        config = folder / "config.json"
+        if config.exists():
+            try:
+                return json.loads(config.read_text())
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def trained_samples(adapter_dir: Path) -> int | None:
+    """How many training samples the adapter was trained on, from its run's records; None when they cannot tell."""
+    from sempa_exp.records.metrics import read_metrics
+    from sempa_exp.records.rundir import read_results
+
+    if adapter_dir.name == "adapter":
+        results = read_results(adapter_dir.parent) or {}
+        return results.get("samples_seen") if results.get("status") == "finished" else None
+    state = adapter_dir / "trainer_state.json"
+    if not state.exists():
+        return None
+    try:
+        step = json.loads(state.read_text()).get("global_step")
+    except (json.JSONDecodeError, AttributeError) as exc:  # the count is a record, not a reason to stop evaluating
+        log.warning("samples seen unknown: unreadable %s (%s)", state, exc)
+        return None
+    rows = read_metrics(adapter_dir.parent.parent) if adapter_dir.parent.name == "checkpoints" else []
+    return next((int(r["samples_seen"]) for r in rows
+                 if r.get("step") == step and isinstance(r.get("samples_seen"), (int, float))), None)
+
+
+def check_backbone(adapter_dir: Path, backbone_name: str, embed_name: str) -> dict | None:
+    run_config = owning_run_config(adapter_dir)
+    if run_config is None:
+        log.warning("no run config found next to %s; assuming it was trained on backbone %s", adapter_dir,
+                    backbone_name)
+        return None
+    trained_on = (run_config.get("backbone") or {}).get("name")
+    if trained_on and trained_on != backbone_name:
+        raise ConfigError(f"the adapter in {adapter_dir} was trained on backbone={trained_on}, not {backbone_name}; "
+                          f"pass backbone={trained_on}")
+    trained_embed = (run_config.get("embed") or {}).get("name")
+    if trained_embed and trained_embed != embed_name:
+        log.warning("the run evaluated with embed=%s; this evaluation uses embed=%s", trained_embed, embed_name)
+    return run_config
+
+
+def attach_adapter(model: torch.nn.Module, adapter_dir: Path) -> PeftModel:
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)

@@ -1,0 +1,150 @@
+"""Evaluation suites of one model state: the 7 STS tasks, STS-B dev, and the geometry of the embedding space.
+
+Metric names (also the W&B keys): ``eval/<task>`` is a task's headline score (pooled 'all' for STS12-16, test split for
+STS-B and SICK-R), ``eval/<task>/<subset>`` the per-sub-dataset scores, ``eval/sts_avg`` the 7-task average,
+``eval/stsb_dev`` the model-selection score, ``eval/uniformity`` and ``eval/isotropy`` the geometry, and the ``ppl``
+suite's generative proxy ``eval/ppl_nli``, ``eval/logp_chosen``, ``eval/logp_rejected``, ``eval/logp_margin``
+(sempa_exp.evaluation.perplexity, on held-out NLI triplets that ``EvalData.proxy`` holds), and the ``gar`` suite's global
+alignment rate ``eval/gar`` of the embeddings' LM-head aligned tokens (sempa_exp.evaluation.alignment; skipped for encoders
+without an LM head).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sempa_exp.data import sts
+from sempa_exp.embedding.base import lm_head_of
+from sempa_exp.embedding.encoder import SentenceEncoder
+from sempa_exp.evaluation import alignment as token_alignment
+from sempa_exp.evaluation import geometry
+from sempa_exp.evaluation.perplexity import ProxySet, proxy_metrics
+
+log = logging.getLogger(__name__)
+
+GEOMETRY_SAMPLE_DOC = "the first N distinct sentences of STS-B dev, in file order (sentence1 then sentence2 per pair)"
+
+
+@dataclass
+class EvalData:
+    tasks: dict[str, list[sts.StsSplit]] = field(default_factory=dict)
+    stsb_dev: sts.StsSplit | None = None
+    geometry_sentences: list[str] = field(default_factory=list)
+    proxy: ProxySet | None = None  # the ppl suite's held-out NLI triplets (set by the caller, which has them)
+    gar_sentences: list[str] = field(default_factory=list)  # token_alignment.GAR_SAMPLE_DOC
+    gar_top_k: int = 10
+    gar_match: str = "text"
+
+
+def load_eval_data(data_dir: Path, suites: Iterable[str], geometry_sample: int = 2000, gar_sample: int = 10000,
+                   gar_top_k: int = 10, gar_match: str = "text") -> EvalData:
+    """Reads what the suites need; a missing or malformed file fails here, before any model is loaded."""
+    suites = set(suites)
+    data = EvalData(gar_top_k=gar_top_k, gar_match=gar_match)
+    if suites & {"sts", "gar"}:
+        data.tasks = {task: sts.load_task(data_dir, task) for task in sts.STS_TASKS}
+    if "gar" in suites:
+        data.gar_sentences = token_alignment.gar_sentences(data.tasks, gar_sample)
+    if suites & {"stsb_dev", "geometry"}:
+        data.stsb_dev = sts.load_stsb_dev(data_dir)
+    if "geometry" in suites:
+        pairs = zip(data.stsb_dev.sentences1, data.stsb_dev.sentences2)
+        ordered = dict.fromkeys(s for pair in pairs for s in pair)
+        data.geometry_sentences = list(ordered)[:geometry_sample]
+    return data
+
+
+def sentences_needed(data: EvalData, suites: Iterable[str]) -> list[str]:
+    suites = set(suites)
+    out: list[str] = []
+    if "sts" in suites:
+        out += [s for splits in data.tasks.values() for split in splits for s in split.sentences]
+    if "stsb_dev" in suites and data.stsb_dev is not None:
+        out += data.stsb_dev.sentences
+    if "geometry" in suites:
+        out += data.geometry_sentences
+    if "gar" in suites:
+        out += data.gar_sentences
+    return list(dict.fromkeys(out))
+
+
+def evaluate(encoder: SentenceEncoder, data: EvalData, suites: Iterable[str]) -> dict[str, float]:
+    suites = list(dict.fromkeys(suites))
+    encoder.encode(sentences_needed(data, suites))  # one pass over every distinct sentence, length-sorted
+    metrics: dict[str, float] = {}
+    if "sts" in suites:
+        headline = []
+        for task, splits in data.tasks.items():
+            scores = sts.score_task(splits, encoder.encode)
+            short = sts.SHORT_NAMES[task]
+            metrics[f"eval/{short}"] = scores["all"]
+            if len(splits) > 1:
+                metrics.update({f"eval/{short}/{name}": v for name, v in scores.items() if name != "all"})
+            headline.append(scores["all"])
+        metrics["eval/sts_avg"] = float(np.mean(headline))
+    if "stsb_dev" in suites:
+        metrics["eval/stsb_dev"] = sts.score_task([data.stsb_dev], encoder.encode)["all"]
+    if "geometry" in suites:
+        emb = encoder.encode(data.geometry_sentences)
+        metrics["eval/uniformity"] = geometry.uniformity(emb)
+        metrics["eval/isotropy"] = geometry.isotropy(emb)
+    if "ppl" in suites:
+        if data.proxy is None:
+            raise ValueError("the ppl suite needs EvalData.proxy: the held-out NLI triplets")
+        scores = proxy_metrics(encoder.model, encoder.tokenizer, data.proxy, encoder.batch_size)
+        metrics.update({f"eval/{k}": v for k, v in scores.items()})
+    if "gar" in suites:
+        lm_head = lm_head_of(encoder.model) if encoder.method.has_lm_head else None
+        if lm_head is None:
+            log.info("gar skipped: the embeddings of %s are not in an LM's hidden space", type(encoder.method).__name__)
+        else:
+            metrics["eval/gar"] = token_alignment.gar_score(
+                encoder.encode(data.gar_sentences), data.gar_sentences, lm_head, encoder.tokenizer,
+                data.gar_top_k, data.gar_match)
+    return metrics
+
+
+class EmbeddingCache:
+    """Embeddings of an untrained backbone on disk, keyed by everything that determines them."""
+
+    def __init__(self, root: Path, key_parts: dict) -> None:
+        key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
+        self.folder = Path(root).expanduser() / "embeddings" / key
+        self.key_parts = key_parts
+
+    def load_into(self, encoder: SentenceEncoder) -> int:
+        cache_file = self.folder / "embeddings.npz"
+        if not cache_file.exists():
+            return 0
+        try:
+            with np.load(cache_file, allow_pickle=False) as stored:
+                sentences, vectors = json.loads(stored["sentences_json"].tobytes()), stored["vectors"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # a damaged file is recomputed, not fatal
+            log.warning("ignoring unreadable embedding cache %s (%s)", cache_file, exc)
+            return 0
+        if len(sentences) != len(vectors):
+            log.warning("ignoring inconsistent embedding cache %s", self.folder)
+            return 0
+        encoder.memo.update(zip(sentences, vectors))
+        return len(sentences)
+
+    def save_from(self, encoder: SentenceEncoder) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        sentences = list(encoder.memo)
+        # Sentences and vectors in one file replaced atomically: the runs of a sweep (on several nodes) share this
+        # cache and may save it at once; per-process temporary names keep their writes apart.
+        tmp = self.folder / f"embeddings.{os.uname().nodename}.{os.getpid()}.tmp.npz"
+        with open(tmp, "wb") as f:
+            np.savez(f, sentences_json=np.frombuffer(json.dumps(sentences).encode(), dtype=np.uint8),
+                     vectors=np.stack([encoder.memo[s] for s in sentences]))
+        (self.folder / "key.json").write_text(json.dumps(self.key_parts, indent=1, sort_keys=True))
+        os.replace(tmp, self.folder / "embeddings.npz")

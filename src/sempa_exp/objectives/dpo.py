@@ -1,0 +1,459 @@
+"""TRL's DPOTrainer with opt-in speed-ups; with every flag off it is TRL's trainer, unchanged.
+
+* ``completion_only_logits``: the LM head and the log-softmax run only on the completion tokens. TRL's fused head
+  already does this on CUDA/XPU; on other devices (CPU) it scores every position of the prompt too. Same kernel
+  (TRL's ``ChunkedLogProbFunction``), fewer rows: the per-token log-probs are the same numbers.
+* A :class:`PreparedDataCache`: the tokenized preference pairs and the reference log-probs are stored on disk, keyed
+  by what determines them (:func:`cache_key`), and shared by every run of a sweep with that key. Because the data
+  subsets of one ``data.subset_seed`` are nested (the first N rows of one permutation), one entry is a *prefix*:
+  a run with more rows extends it, a run with fewer reads its first rows. Each source row's content hash is stored
+  with it, so a stale or foreign entry is detected row by row and recomputed, never silently used.
+* Reference log-probs are computed once, before training (TRL's ``precompute_ref_log_probs``), in length-sorted
+  batches so little of the forward is spent on padding.
+* ``sort_within_step``: the micro-batches of one optimizer step (gradient accumulation) are regrouped by length; every
+  step sees the same pairs as with TRL, so its gradient is TRL's up to the order of a float sum.
+
+* ``turn_end_ids``: each completion ends at the chat template's turn end (``<|im_end|>``), as ms-swift encodes it;
+  TRL's completion is everything the template renders after the prompt, the line break after the turn end included.
+  This one is not a speed-up: it changes the scored tokens to the paper's (``trainer.score_template_tail``).
+
+Under DDP the main process fills the cache first and the others then read it (TRL's own main-process-first order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import types
+from collections.abc import Callable
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+from accelerate.utils import broadcast_object_list
+from datasets import Dataset, concatenate_datasets, load_from_disk
+from filelock import FileLock
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+from trl import DPOTrainer
+from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+from trl.trainer import dpo_trainer as trl_dpo_module
+from trl.trainer.utils import FusedCausalLMOutput, global_then_local_main_first
+
+from sempa_exp.config.schema import Config, ConfigError
+from sempa_exp.models.backbones import backbone_fingerprint
+
+log = logging.getLogger(__name__)
+
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+SOURCE_ROW = "source_row"  # index of the row in the (nested) data stream, kept through TRL's filtering
+LENGTH = "length"  # prompt + longer completion, for train_sampling_strategy=group_by_length
+VOCAB_CHUNK = 32768  # TRL's own vocabulary tile width
+
+
+# ---------------------------------------------------------------------------------------------- cache keys + storage
+
+
+def cache_key(ingredients: dict) -> str:
+    """A stable hash of everything that determines a cache entry (nested dicts allowed, key order irrelevant)."""
+    blob = json.dumps(ingredients, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def row_hashes(dataset: Dataset) -> np.ndarray:
+    """One 64-bit content hash per row (over the columns TRL reads), in row order."""
+    columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+    out = np.empty(len(dataset), dtype=np.uint64)
+    i = 0
+    for batch in dataset.select_columns(columns).iter(batch_size=4096):
+        for row in zip(*(batch[c] for c in columns), strict=True):
+            digest = hashlib.blake2b(json.dumps(row, sort_keys=True).encode(), digest_size=8).digest()
+            out[i] = int.from_bytes(digest, "little")
+            i += 1
+    return out
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differs = np.flatnonzero(a[:n] != b[:n])
+    return int(differs[0]) if len(differs) else n
+
+
+def _rows_before(pairs: Dataset, n: int) -> Dataset:
+    """The prepared pairs whose source row is < n (source rows are ascending; TRL's filter leaves gaps)."""
+    return pairs.select(range(int(np.searchsorted(np.asarray(pairs[SOURCE_ROW], dtype=np.int64), n))))
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(src, dst)
+
+
+class PreparedDataCache:
+    """Tokenized pairs and reference log-probs of one data stream, under ``root/<key>``.
+
+    ``tokenize_key`` must change whenever the tokenization of a row can (tokenizer, chat template, max_length, TRL);
+    ``ref_key`` additionally whenever the reference log-probs can (weights, dtype, precision).
+    """
+
+    def __init__(self, root: Path | str, tokenize_key: str, ref_key: str) -> None:
+        self.root = Path(root).expanduser()
+        self.tokenized_dir = self.root / f"tok-{tokenize_key}"
+        self.ref_file = self.root / f"ref-{ref_key}.npz"
+        self.lock = FileLock(str(self.root / f"tok-{tokenize_key}.lock"))
+        self.last_event: dict[str, str] = {}  # "tokenized"/"ref_logps" -> "hit" | "extended" | "built" (for tests/logs)
+
+    # Tokenized pairs ---------------------------------------------------------------------------------------------
+
+    def _read_tokenized(self) -> tuple[np.ndarray, Dataset] | None:
+        hashes_file = self.tokenized_dir / "row_hashes.npy"
+        if not hashes_file.exists():
+            return None
+        return np.load(hashes_file), load_from_disk(str(self.tokenized_dir / "pairs"))
+
+    def tokenized(self, dataset: Dataset, tokenize: Callable[[Dataset], Dataset]) -> tuple[Dataset, np.ndarray]:
+        """TRL-prepared pairs of ``dataset`` (its rows in order), from the cache where it has them.
+
+        Returns the prepared pairs (with a ``source_row`` column) and the source rows' hashes.
+        """
+        hashes = row_hashes(dataset)
+        n = len(dataset)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            stored = self._read_tokenized()
+            valid = 0 if stored is None else common_prefix(stored[0], hashes)
+            if stored is not None and valid == n:
+                self.last_event["tokenized"] = "hit"
+                return _rows_before(stored[1], n), hashes
+            kept = None
+            if stored is not None and valid > 0:
+                kept = _rows_before(stored[1], valid)
+            new_rows = dataset.select(range(valid, n)).add_column(SOURCE_ROW, list(range(valid, n)))
+            new_pairs = tokenize(new_rows).select_columns([*TOKEN_COLUMNS, SOURCE_ROW])
+            pairs = new_pairs if kept is None or len(kept) == 0 else concatenate_datasets([kept, new_pairs])
+            tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tok-"))
+            pairs.save_to_disk(str(tmp / "pairs"))
+            np.save(tmp / "row_hashes.npy", hashes)
+            _replace_dir(tmp, self.tokenized_dir)
+            self.last_event["tokenized"] = "extended" if valid > 0 else "built"
+            log.info("prepared-data cache: tokenized rows %d..%d (%s)", valid, n, self.tokenized_dir)
+            return load_from_disk(str(self.tokenized_dir / "pairs")), hashes
+
+    # Reference log-probs ----------------------------------------------------------------------------------------
+
+    def read_ref(self) -> dict[str, np.ndarray] | None:
+        if not self.ref_file.exists():
+            return None
+        with np.load(self.ref_file) as f:
+            return {k: f[k] for k in f.files}
+
+    def write_ref(self, pair_hashes: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".ref-", suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, row_hash=pair_hashes, chosen=chosen, rejected=rejected)
+        os.replace(tmp, self.ref_file)
+
+
+def cache_ingredients(cfg: Config, tokenizer: PreTrainedTokenizerBase, use_cpu: bool) -> tuple[dict, dict]:
+    """What determines (the tokenization of a row, the reference log-probs of a pair) beyond the rows themselves.
+
+    The data stream is named by its source and ``subset_seed``; ``data.size`` is not an ingredient (an entry is a
+    prefix of the stream), and the rows' own hashes catch any change of content.
+    """
+    import transformers
+    import trl
+
+    d = cfg.data
+    tokenize = {
+        "backbone": backbone_fingerprint(cfg.backbone),
+        "tokenizer": [type(tokenizer).__name__, len(tokenizer), tokenizer.eos_token, tokenizer.pad_token],
+        "chat_template": tokenizer.chat_template,
+        "data": [d.source, d.local_file, d.hub_id, d.hub_file, d.subset_seed, d.max_sentence_chars],
+        "system_prompt": d.system_prompt,
+        "template": cfg.template.text,
+        "max_length": cfg.trainer.max_length,
+        "turn_end": None if cfg.trainer.score_template_tail else (cfg.backbone.turn_end or tokenizer.eos_token),
+        "versions": [trl.__version__, transformers.__version__],
+    }
+    reference = {
+        **tokenize,
+        "dtype": cfg.backbone.dtype,
+        "bf16": cfg.trainer.bf16,
+        "device": "cpu" if use_cpu else "accelerator",
+        "torch": torch.__version__,
+    }
+    return tokenize, reference
+
+
+def prepared_data_cache(cfg: Config, tokenizer: PreTrainedTokenizerBase, use_cpu: bool) -> PreparedDataCache:
+    tokenize, reference = cache_ingredients(cfg, tokenizer, use_cpu)
+    return PreparedDataCache(Path(cfg.paths.cache_dir).expanduser() / "dpo_data", cache_key(tokenize),
+                             cache_key(reference))
+
+
+# ------------------------------------------------------------------------------------------- completion-only logits
+
+
+def install_completion_only_head(model: torch.nn.Module, outputs: tuple[str, ...]) -> None:
+    """Patches the fused LM head TRL added to ``model`` so that, off CUDA too, it scores only the labelled positions.
+
+    Calls without ``fused_lm_head=True`` (generation, evaluation) and cases this does not cover (pre-shifted labels,
+    MoE router logits, logit soft-capping or scaling) go to TRL's forward unchanged.
+    """
+    if getattr(model, "_completion_only_head", False):
+        return
+    text_config = model.config.get_text_config()
+    unsupported = any(getattr(text_config, k, None) is not None for k in
+                      ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                       "logits_scaling"))
+    if unsupported or getattr(text_config, "output_router_logits", False):
+        log.warning("completion_only_logits: %s is not covered; TRL's full-sequence head is kept",
+                    type(model).__name__)
+        return
+    trl_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
+        if not fused_lm_head or labels is None or kwargs.get("shift_labels") is not None:
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        kwargs.pop("num_items_in_batch", None)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        mask = targets != -100
+        head = self.get_output_embeddings()
+        per_token = ChunkedLogProbFunction.apply(
+            hidden[mask], head.weight, head.bias, targets[mask], 1.0, VOCAB_CHUNK, None, 1.0, outputs)
+        # masked_scatter keeps the result connected to the graph even when no position is labelled
+        log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
+            None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / mask.sum().clamp(min=1), log_probs=log_probs, entropy=entropy,
+            log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+    model._completion_only_head = True
+
+
+# ------------------------------------------------------------------------------------------------------- the trainer
+# ------------------------------------------------------------------------------------------------------- the trainer
+
+
+def end_at_turn_end(completion: list[int], turn_end: list[int]) -> list[int]:
+    """The completion up to and including the last occurrence of ``turn_end`` (a token-id sequence)."""
+    n = len(turn_end)
+    for start in range(len(completion) - n, -1, -1):
+        if completion[start:start + n] == turn_end:
+            return completion[:start + n]
+    raise ValueError(f"the turn end {turn_end} does not occur in the completion {completion}")
+
+
+def turn_end_ids(tokenizer: PreTrainedTokenizerBase, turn_end: str | None) -> list[int]:
+    """The token ids of the text that closes an assistant turn (the EOS token when None)."""
+    text = turn_end if turn_end is not None else tokenizer.eos_token
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ConfigError(f"backbone.turn_end={text!r} tokenizes to nothing")
+    return ids
+
+
+def _uncollate(batch: dict) -> list[dict]:
+    """The preference examples back out of a DataCollatorForPreference batch ([chosen rows; rejected rows])."""
+    ids, attention, completion = batch["input_ids"].cpu(), batch["attention_mask"].cpu(), batch["completion_mask"].cpu()
+    n = ids.shape[0] // 2
+    examples = []
+    for i in range(n):
+        prompt = ids[i][(attention[i] == 1) & (completion[i] == 0)]
+        example = {"prompt_ids": prompt.tolist(), "chosen_ids": ids[i][completion[i] == 1].tolist(),
+                   "rejected_ids": ids[n + i][completion[n + i] == 1].tolist()}
+        for key in REF_COLUMNS:
+            if key in batch:
+                example[key] = batch[key][i].item()
+        examples.append(example)
+    return examples
+
+
+class SempaDPOTrainer(DPOTrainer):
+    """DPOTrainer + the flags above. ``data_cache`` is used only together with TRL's ``precompute_ref_log_probs``
+    for the reference log-probs; the tokenized pairs are cached whenever it is given."""
+
+    def __init__(self, *positional, completion_only_logits: bool = False,
+                 data_cache: PreparedDataCache | None = None, add_length_column: bool = False,
+                 sort_within_step: bool = False, turn_end: list[int] | None = None, **kwargs) -> None:
+        # Read by _prepare_dataset / _precompute_ref_logps, which DPOTrainer.__init__ calls
+        self.completion_only_logits = completion_only_logits
+        self.sort_within_step = sort_within_step
+        self.data_cache = data_cache
+        self.add_length_column = add_length_column
+        self.turn_end = turn_end
+        self._pair_hashes: np.ndarray | None = None
+        args = kwargs.get("args")  # the DPOConfig (by keyword, as build_trainer passes it)
+        # With the cache, the reference log-probs are ours to compute (below): TRL would first hash every weight of
+        # the model for its own cache key (a minute on a 7B model, every run).
+        precompute_here = data_cache is not None and args is not None and args.precompute_ref_log_probs
+        if precompute_here:
+            args.precompute_ref_log_probs = False
+        try:
+            super().__init__(*positional, **kwargs)
+        finally:
+            if precompute_here:
+                args.precompute_ref_log_probs = True
+        if completion_only_logits:
+            self._install_head()
+        if precompute_here:
+            self.precompute_ref_logps = True  # what DPOTrainer._compute_loss reads
+            self.train_dataset = self._precompute_ref_logps(
+                self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size)
+
+    def _install_head(self) -> None:
+        outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+        if self.use_weighting:
+            outputs += ("log_sum_sq_probs",)
+        model = self.accelerator.unwrap_model(self.model)
+        install_completion_only_head(model.get_base_model() if hasattr(model, "get_base_model") else model, outputs)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """With ``sort_within_step``, the pairs of one optimizer step are regrouped into micro-batches of similar
+        length: the same pairs per step (the data order at step level and the step's gradient are TRL's), less
+        padding. Needs gradient accumulation (more than one micro-batch per step) to do anything."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.sort_within_step and len(batches) > 1:
+            batches = self._regroup_by_length(batches)
+        return batches, num_items
+
+    def _regroup_by_length(self, batches: list[dict]) -> list[dict]:
+        sizes = [b["input_ids"].shape[0] // 2 for b in batches]  # pairs per micro-batch
+        examples = [ex for b in batches for ex in _uncollate(b)]
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]["prompt_ids"]) + max(
+            len(examples[i]["chosen_ids"]), len(examples[i]["rejected_ids"])))
+        device = batches[0]["input_ids"].device
+        regrouped, start = [], 0
+        for size in sizes:
+            collated = self.data_collator([examples[i] for i in order[start:start + size]])
+            regrouped.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collated.items()})
+            start += size
+        return regrouped
+
+    def _tokenize_pairs(self, dataset, processing_class, args, dataset_name):
+        """TRL's tokenization; each completion cut after the turn end when ``turn_end`` is set; then, as ms-swift does,
+        a pair whose chosen or rejected sequence is longer than ``max_length`` is dropped whole, never truncated."""
+        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if self.turn_end is not None:
+            prepared = self._end_completions(prepared)
+        if args.max_length is None:
+            return prepared
+        limit = args.max_length
+        before = len(prepared)
+        prepared = prepared.filter(
+            lambda ex: len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) <= limit,
+            desc="Dropping pairs longer than max_length")
+        if len(prepared) < before:
+            log.warning("%d of %d pairs are longer than trainer.max_length=%d tokens and are left out (ms-swift "
+                        "drops them too)", before - len(prepared), before, limit)
+        return prepared
+
+    def _end_completions(self, prepared: Dataset) -> Dataset:
+        turn_end = self.turn_end
+
+        def cut(example: dict) -> dict:
+            try:
+                return {k: end_at_turn_end(example[k], turn_end) for k in ("chosen_ids", "rejected_ids")}
+            except ValueError as exc:
+                raise ConfigError(f"backbone.turn_end: {exc}; the chat template does not close the assistant turn "
+                                  f"with it (set backbone.turn_end, or trainer.score_template_tail=true)") from exc
+
+        return prepared.map(cut, desc="Completions end at the turn end")
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if self.data_cache is None or dataset_name != "train" or not isinstance(dataset, Dataset):
+            prepared = self._tokenize_pairs(dataset, processing_class, args, dataset_name)
+        else:
+            def tokenize(rows: Dataset) -> Dataset:
+                # TRL orders the processes (main first) with barriers; here that ordering is ours (below), and a
+                # barrier inside the cache's file lock would deadlock a multi-process run.
+                with mock.patch.object(trl_dpo_module, "global_then_local_main_first", contextlib.nullcontext):
+                    return self._tokenize_pairs(rows, processing_class, args, dataset_name)
+
+            # The main process builds or extends the entry; the others then read it (a cache hit).
+            with global_then_local_main_first():
+                prepared, source_hashes = self.data_cache.tokenized(dataset, tokenize)
+            self._pair_hashes = source_hashes[np.asarray(prepared[SOURCE_ROW], dtype=np.int64)]
+        if self.add_length_column and dataset_name == "train" and LENGTH not in prepared.column_names:
+            prepared = prepared.map(
+                lambda ex: {LENGTH: len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))},
+                desc="Pair lengths")
+        return prepared
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        if self.completion_only_logits:
+            self._install_head()  # DPOTrainer.__init__ precomputes before our __init__ resumes
+        if name != "train" or self.data_cache is None or self._pair_hashes is None:
+            return self._add_ref_columns(dataset, *self._compute_ref_logps(dataset, batch_size))
+        cache = self.data_cache
+        hashes = self._pair_hashes
+        single_process = self.accelerator.num_processes == 1
+        # One process computing at a time: the runs of a sweep queued on one machine wait and then read the cache.
+        with cache.lock if single_process else contextlib.nullcontext():
+            stored = cache.read_ref()
+            valid = 0 if stored is None else common_prefix(stored["row_hash"], hashes)
+            if not single_process:  # every process must take the same branch: the computation below is collective
+                valid = broadcast_object_list([valid])[0]
+            if valid == len(hashes):
+                cache.last_event["ref_logps"] = "hit"
+                return self._add_ref_columns(dataset, stored["chosen"][:valid], stored["rejected"][:valid])
+            chosen, rejected = self._compute_ref_logps(dataset.select(range(valid, len(dataset))), batch_size)
+            if valid:
+                chosen = np.concatenate([stored["chosen"][:valid], chosen])
+                rejected = np.concatenate([stored["rejected"][:valid], rejected])
+            if self.accelerator.is_main_process:
+                cache.write_ref(hashes, chosen, rejected)
+            cache.last_event["ref_logps"] = "extended" if valid else "built"
+            log.info("prepared-data cache: reference log-probs of pairs %d..%d (%s)", valid, len(hashes),
+                     cache.ref_file)
+        self.accelerator.wait_for_everyone()
+        return self._add_ref_columns(dataset, chosen, rejected)
+
+    @staticmethod
+    def _add_ref_columns(dataset: Dataset, chosen: np.ndarray, rejected: np.ndarray) -> Dataset:
+        dataset = dataset.remove_columns([c for c in REF_COLUMNS if c in dataset.column_names])
+        return dataset.add_column(REF_COLUMNS[0], chosen.tolist()).add_column(REF_COLUMNS[1], rejected.tolist())
+
+    def _compute_ref_logps(self, dataset: Dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """TRL's per-batch reference forward over ``dataset``, in length-sorted batches, returned in row order."""
+        if len(dataset) == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        lengths = [len(p) + max(len(c), len(r)) for p, c, r in
+                   zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)]
+        order = np.argsort(lengths, kind="stable")
+        rows = dataset.select_columns(list(TOKEN_COLUMNS)).select(order)
+        loader = self.accelerator.prepare(DataLoader(rows, batch_size=batch_size, collate_fn=self.data_collator,
+                                                     shuffle=False, num_workers=self.args.dataloader_num_workers))
+        was_training = self.model.training
+        self.model.eval()
+        chosen, rejected = [], []
+        device = self.accelerator.device
+        # Iterating a DataLoader draws from the global RNG, which later seeds the training sampler and the dropout
+        # masks: without the fork, precomputing would change the data order and the masks of the run.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            try:
+                for batch in loader:
+                    c, r = self.compute_ref_log_probs(self.model, batch)
+                    c, r = self.accelerator.gather_for_metrics((c, r))
+                    chosen.append(c.float().cpu())
+                    rejected.append(r.float().cpu())
+            finally:
+                self.model.train(was_training)
+        sorted_chosen, sorted_rejected = torch.cat(chosen).numpy(), torch.cat(rejected).numpy()
+        out_chosen, out_rejected = np.empty_like(sorted_chosen), np.empty_like(sorted_rejected)
+        out_chosen[order], out_rejected[order] = sorted_chosen, sorted_rejected
+        return out_chosen, out_rejected

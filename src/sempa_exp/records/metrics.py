@@ -1,0 +1,148 @@
+"""Metrics sink: every record goes to ``metrics.jsonl`` in the run directory and, when enabled, to Weights & Biases.
+
+The local file is the source of truth. W&B is best effort: if it cannot start or fails mid-run, training goes on and
+``python -m sempa_exp.sync_wandb <run_dir>`` replays the local file later. W&B steps are optimizer steps, logged with
+an explicit ``step=``: after a resume, records W&B already has (steps past the last checkpoint that are replayed) are
+dropped by W&B instead of duplicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sempa_exp.config.schema import LoggerConfig
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def wandb_mode(cfg: LoggerConfig) -> str:
+    if cfg.mode != "auto":
+        return cfg.mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    with path.open() as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a kill
+                    log.warning("skipping a truncated line in %s", path)
+    return rows
+
+
+def rewind_metrics(run_dir: Path, step: int) -> int:
+    """Before resuming from the checkpoint at ``step``: records of later steps move to metrics.superseded.jsonl."""
+    rows = read_metrics(run_dir)
+    keep = [r for r in rows if r.get("step", 0) <= step]
+    later = [r for r in rows if r.get("step", 0) > step]
+    if later:
+        with (Path(run_dir) / "metrics.superseded.jsonl").open("a") as f:
+            for r in later:
+                f.write(json.dumps(r) + "\n")
+        tmp = Path(run_dir) / (METRICS_FILE + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, Path(run_dir) / METRICS_FILE)
+    return len(later)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def init_wandb_run(cfg: LoggerConfig, mode: str, *, run_id: str, group: str, name: str, config: dict,
+                   run_dir: Path) -> Any:
+    """The W&B run of a run directory (also used by sync_wandb): a deterministic id, resumed if it exists."""
+    import wandb
+
+    run = wandb.init(
+        project=cfg.project, entity=cfg.entity, group=group, name=f"{group}/{name}", id=run_id,
+        resume="allow", config=config, tags=list(cfg.tags), mode=mode, dir=str(run_dir),
+        settings=wandb.Settings(init_timeout=120, console="off", silent=True))
+    run.define_metric("samples_seen")
+    run.define_metric("*", step_metric="samples_seen", step_sync=True)
+    return run
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, *, run_id: str, group: str, name: str,
+                 config: dict, enabled: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
+        self.enabled = enabled  # False on non-zero ranks
+        self.wandb = None
+        if enabled and cfg.backend == "wandb":
+            self._start_wandb(cfg, run_id=run_id, group=group, name=name, config=config)
+
+    def _start_wandb(self, cfg: LoggerConfig, *, run_id: str, group: str, name: str, config: dict) -> None:
+        mode = wandb_mode(cfg)
+        if mode == "disabled":
+            return
+        try:
+            self.wandb = init_wandb_run(cfg, mode, run_id=run_id, group=group, name=name, config=config,
+                                        run_dir=self.run_dir)
+        except Exception as exc:  # W&B is never a reason to lose a run
+            log.warning("W&B could not start (%s); metrics stay in %s and can be synced later", exc, self.path)
+            self.wandb = None
+
+    def log(self, metrics: dict[str, float], *, step: int, samples_seen: int) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "samples_seen": samples_seen, "time": time.time(), **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.wandb is not None:
+            try:
+                self.wandb.log({"samples_seen": samples_seen, **metrics}, step=step)
+            except Exception as exc:
+                log.warning("W&B logging failed (%s); continuing with local metrics only", exc)
+                self._drop_wandb()
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.wandb is not None:
+            try:
+                self.wandb.summary.update(values)
+            except Exception as exc:
+                log.warning("W&B summary failed (%s)", exc)
+
+    def _drop_wandb(self) -> None:
+        run, self.wandb = self.wandb, None
+        with contextlib.suppress(Exception):
+            run.finish(exit_code=1)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.wandb is not None:
+            try:
+                self.wandb.finish(exit_code=exit_code)
+            except Exception as exc:
+                log.warning("W&B finish failed (%s)", exc)
+            self.wandb = None
