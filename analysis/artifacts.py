@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.runs import NOT_RUNS, RunRecord, method_key
+from analysis.runs import NOT_RUNS, RunRecord
 
 ROLES = ("anchors", "positives", "negatives")
 ROLE_ALIASES = {"anchor": "anchors", "positive": "positives", "negative": "negatives", "anchors": "anchors",
@@ -78,6 +78,19 @@ def project_2d(groups: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], tu
         out[role] = centred[offset:offset + n] @ vt[:2].T
         offset += n
     return out, (float(variance[0]), float(variance[1]) if len(variance) > 1 else 0.0)
+
+
+# PCA files made elsewhere name their methods freely; these spellings map onto the report's method keys.
+EXTERNAL_METHOD_NAMES = {"mean_pooling": "mean", "meanpooling": "mean", "echo_embedding": "echo",
+                         "echo_embeddings": "echo", "cp": "contrastive_prompting", "tp": "token_prepending",
+                         "prompt_eol": "prompteol", "dpo": "sempa"}
+
+
+def method_key(raw: str | None) -> str:
+    """A method name of an external PCA file as a report method key (METHOD_LABELS)."""
+    key = (raw or "unknown").strip().lower().replace("-", "_").replace(" ", "_")
+    key = EXTERNAL_METHOD_NAMES.get(key, key)
+    return key
 
 
 def _split_keys(arrays: dict[str, Any], default_method: str) -> dict[str, dict[str, np.ndarray]]:

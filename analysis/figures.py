@@ -167,7 +167,7 @@ def pca_figure(panels: list[PcaPanel], problems: list[str]) -> FigureResult:
     result = FigureResult("pca", "PCA of the embedding space: anchors, positives (entailments), negatives "
                                  "(contradictions)", None, "")
     result.missing += problems
-    wanted = ("mean_pooling", "prompteol", "sempa")
+    wanted = ("mean", "prompteol", "sempa")
     result.missing += [f"no PCA data for {method_label(m)}" for m in wanted if m not in {p.method for p in panels}]
     if not panels:
         result.caption = ("Missing: no PCA data file (*pca*.npz/json/csv) in any run directory; the method "

@@ -18,19 +18,28 @@ from pathlib import Path
 from typing import Any
 
 from sempa_exp.data.sts import SHORT_NAMES
+from sempa_exp.records.identity import CONFIG_JSON, MAX_NAME_CHARS
 from sempa_exp.records.metrics import METRICS_FILE, read_metrics
-from sempa_exp.records.rundir import GENERATION_ONLY_STATUS, MAX_NAME_CHARS, RESULTS_FILE
+from sempa_exp.records.results import (
+    RESULTS_FILE,
+    ResultsError,
+    group_evaluations,
+    kind_of_config,
+    method_of_config,
+    read_results,
+)
 
 log = logging.getLogger(__name__)
 
 STS_TASKS: tuple[str, ...] = tuple(SHORT_NAMES.values())  # sts12 .. sickr, the order of the paper's table
 STS_AVG = "sts_avg"
-RUN_MARKERS = (RESULTS_FILE, METRICS_FILE, "config.json")
+RUN_MARKERS = (RESULTS_FILE, METRICS_FILE, CONFIG_JSON)
 NOT_RUNS = {"checkpoints", "adapter", "wandb", "report", "reports"}
 
-# Method keys of the report, in the paper's row order, with their display names.
+# Method keys of the report (a results.json's ``method``: conf/method names and objective names), in the paper's row
+# order, with their display names.
 METHOD_LABELS = {
-    "mean_pooling": "Mean pooling",
+    "mean": "Mean pooling",
     "echo": "Echo embedding",
     "prompteol": "PromptEOL",
     "pretended_cot": "Pretended CoT",
@@ -40,35 +49,11 @@ METHOD_LABELS = {
     "contrastive": "Contrastive fine-tuning (foil)",
     "sbert": "SBERT encoder",
 }
-METHOD_ALIASES = {
-    "dpo": "sempa",  # trainer.method of a SemPA training run
-    "mean": "mean_pooling",
-    "meanpooling": "mean_pooling",
-    "echo_embedding": "echo",
-    "echo_embeddings": "echo",
-    "cp": "contrastive_prompting",
-    "tp": "token_prepending",
-    "prompt_eol": "prompteol",
-}
 EMBED_LABELS = {"prompteol": "PromptEOL", "pretended_cot": "Pretended CoT", "mean": "Mean pooling"}
 
 
 class SourceError(ValueError):
     """A report source that does not exist or holds no runs."""
-
-
-def method_key(raw: str | None) -> str:
-    key = (raw or "unknown").strip().lower().replace("-", "_").replace(" ", "_")
-    return METHOD_ALIASES.get(key, key)
-
-
-def method_of_results(results: dict) -> str:
-    """The method key of a results.json; an evaluated checkpoint is the method it was trained with (SemPA = dpo)."""
-    method = method_key(results.get("method"))
-    if method == "checkpoint":
-        trained_with = (results.get("method_info") or {}).get("trained_with")
-        return method_key(trained_with) if trained_with else method
-    return method
 
 
 def method_label(key: str) -> str:
@@ -151,60 +136,44 @@ def _cfg_name(config: dict, section: str) -> str | None:
     return value.get("name") if isinstance(value, dict) else None
 
 
-def evaluations_from_rows(rows: Iterable[dict]) -> list[dict]:
-    """Evaluation records grouped by step, as ``train.write_results`` does for a finished run."""
-    by_step: dict[int, dict] = {}
-    for row in rows:
-        scores = {k: v for k, v in row.items() if k.startswith("eval/")}
-        if scores and "step" in row:
-            entry = by_step.setdefault(row["step"], {"step": row["step"], "samples_seen": row.get("samples_seen", 0)})
-            entry.update(scores)
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def train_rows_from(rows: Iterable[dict]) -> list[dict]:
     return [r for r in rows if any(k.startswith("train/") for k in r)]
 
 
-def _kind_of_results(results: dict) -> str:
-    if results.get("kind") == "evaluation":
-        return "evaluation"
-    return "generation" if results.get("status") == GENERATION_ONLY_STATUS else "training"
-
-
 def load_run(run_dir: Path) -> RunRecord:
+    """A finished run from its results.json; an unfinished one (or one whose results.json is damaged, with a warning)
+    from its config.json and metrics.jsonl."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    results = _read_json(run_dir / RESULTS_FILE)
-    if results is not None:
-        config = results.get("config") or {}
+    try:
+        results = read_results(run_dir)
+    except ResultsError as exc:
+        log.warning("%s; the run is read from its metrics instead", exc)
+        results = None
+    if results is not None and (results.finished or results.evaluations):
         return RunRecord(
-            group=results.get("group") or run_dir.parent.name, name=results.get("name") or run_dir.name,
-            status=results.get("status") or "unfinished", method=method_of_results(results),
-            kind=_kind_of_results(results),
-            backbone=results.get("backbone"), template=results.get("template"), embed=results.get("embed"),
-            data_size=results.get("data_size"), samples_seen=results.get("samples_seen"),
-            final_step=results.get("final_step"), start=results.get("start") or {},
-            final=(results.get("final") or {}) if results.get("status") == "finished" else {},
-            evaluations=results.get("evaluations") or evaluations_from_rows(rows), train_rows=train_rows_from(rows),
-            run_dir=run_dir, origin=str(run_dir), config=config, generation=results.get("generation") or {})
-    config = _read_json(run_dir / "config.json") or {}
-    evaluations = evaluations_from_rows(rows)
+            group=results.group, name=results.name, status=results.status, method=results.method,
+            kind=results.kind.value, backbone=results.backbone, template=results.template, embed=results.embed,
+            data_size=results.data_size, samples_seen=results.samples_seen, final_step=results.final_step,
+            start=results.start, final=results.final if results.finished else {},
+            evaluations=results.evaluations or group_evaluations(rows), train_rows=train_rows_from(rows),
+            run_dir=run_dir, origin=str(run_dir), config=results.config, generation=results.generation)
+    config = _read_json(run_dir / CONFIG_JSON) or (results.config if results is not None else {})
+    evaluations = group_evaluations(rows)
     last = max((r for r in rows if "step" in r), key=lambda r: r["step"], default=None)
-    evaluated = config.get("method") if isinstance(config.get("method"), dict) else None
-    method = method_key(evaluated["name"] if evaluated else (config.get("trainer") or {}).get("method"))
     return RunRecord(
         group=(config.get("run") or {}).get("group") or run_dir.parent.name, name=run_dir.name, status="unfinished",
-        method=method, kind="evaluation" if evaluated else "training",
+        method=method_of_config(config), kind=kind_of_config(config).value,
         backbone=_cfg_name(config, "backbone"), template=_cfg_name(config, "template"),
         embed=_cfg_name(config, "embed"), data_size=(config.get("data") or {}).get("size"),
         samples_seen=last.get("samples_seen") if last else None, final_step=last.get("step") if last else None,
         start=next((e for e in evaluations if e["step"] == 0), {}), final={}, evaluations=evaluations,
-        train_rows=train_rows_from(rows), run_dir=run_dir, origin=str(run_dir), config=config)
+        train_rows=train_rows_from(rows), run_dir=run_dir, origin=str(run_dir), config=config,
+        generation=results.generation if results is not None else {})
 
 
 _SEGMENT_START = re.compile(r",(?=[\w.+~/-]+=)")  # a comma that starts the next key=value of a run name
-_CUT_NAME = re.compile(r"_[0-9a-f]{12}$")  # rundir.run_name_from_overrides' hash suffix of a cut long name
+_CUT_NAME = re.compile(r"_[0-9a-f]{12}$")  # identity.name_from_overrides' hash suffix of a cut long name
 
 
 def _is_cut(name: str) -> bool:

@@ -19,7 +19,7 @@ NOT_APPLICABLE = "-"
 NO_BACKBONE = "(no LLM backbone)"
 STS_COLUMNS = {"sts12": "STS12", "sts13": "STS13", "sts14": "STS14", "sts15": "STS15", "sts16": "STS16",
                "stsb": "STS-B", "sickr": "SICK-R", STS_AVG: "Avg"}
-EMBED_METHOD = {"prompteol": "prompteol", "pretended_cot": "pretended_cot", "mean": "mean_pooling"}
+EMBED_METHOD = {"prompteol": "prompteol", "pretended_cot": "pretended_cot", "mean": "mean"}
 METHOD_ORDER = list(METHOD_LABELS)
 
 
@@ -241,9 +241,9 @@ def template_table(runs: list[RunRecord], metric: str = STS_AVG) -> Table:
     return table
 
 
-GEOMETRY_METHODS = ("mean_pooling", "prompteol", "sempa")
+GEOMETRY_METHODS = ("mean", "prompteol", "sempa")
 TRAINED_METHODS = ("sempa", "contrastive")
-METHOD_EMBED = {"mean_pooling": "mean", "prompteol": "prompteol", "pretended_cot": "pretended_cot"}
+METHOD_EMBED = {"mean": "mean", "prompteol": "prompteol", "pretended_cot": "pretended_cot"}
 
 
 @dataclass(frozen=True)
@@ -372,7 +372,13 @@ GEN_ROWS = (("base", "base", "untrained backbone"), ("sempa", "final", "SemPA"),
 def generation_table(runs: list[RunRecord]) -> Table:
     """lm-eval benchmarks (python -m sempa_exp.gen_eval) per backbone: the untrained backbone, SemPA and the
     contrastive foil, with deltas to the untrained one, beside the paper's LLaMA3-8B averages."""
-    from sempa_exp.gen_report import PAPER_AVERAGES, TASK_LABELS, common_average, common_tasks, task_score
+    from sempa_exp.evaluation.generation_table import (
+        PAPER_AVERAGES,
+        TASK_LABELS,
+        common_average,
+        common_tasks,
+        task_score,
+    )
 
     tasks = list(TASK_LABELS)
     columns = ["backbone", "model", "source", *(TASK_LABELS[t] for t in tasks), "avg", "avg delta", "ppl_nli",

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from analysis.dashboard import DEFAULT_PROJECT
-from analysis.runs import RunRecord, SourceError, evaluations_from_rows, method_key, train_rows_from
+from analysis.runs import RunRecord, SourceError, train_rows_from
+from sempa_exp.records.results import group_evaluations, kind_of_config, method_of_config
 
 
 def parse_source(spec: str, project: str | None, entity: str | None) -> tuple[str | None, str, str]:
@@ -37,19 +38,17 @@ def record_from_wandb(run: Any) -> RunRecord:
         if "_step" in row:
             row["step"] = int(row.pop("_step"))
         rows.append(row)
-    evaluations = evaluations_from_rows(rows)
+    evaluations = group_evaluations(rows)
     train_rows = train_rows_from(rows)
     finished = run.state == "finished"
     summary = {k: v for k, v in dict(run.summary).items() if k.startswith("eval/")}
     last_step = max((r["step"] for r in rows if "step" in r), default=None)
     last = next((r for r in reversed(rows) if r.get("step") == last_step), {})
-    evaluated = config.get("method") if isinstance(config.get("method"), dict) else None
     group = run.group or (config.get("run") or {}).get("group") or ""
     name = run.name.removeprefix(f"{group}/") if run.name else run.id
     return RunRecord(
         group=group, name=name, status="finished" if finished else str(run.state),
-        method=method_key(evaluated["name"] if evaluated else (config.get("trainer") or {}).get("method")),
-        kind="evaluation" if evaluated else "training",
+        method=method_of_config(config), kind=kind_of_config(config).value,
         backbone=_name(config, "backbone"), template=_name(config, "template"), embed=_name(config, "embed"),
         data_size=(config.get("data") or {}).get("size"), samples_seen=last.get("samples_seen"),
         final_step=last_step, start=next((e for e in evaluations if e["step"] == 0), {}),

@@ -12,7 +12,7 @@ seed, for ``--steps`` optimizer steps; each side runs in its own process (peak R
   i.e. train a different LoRA; with it on, both sides draw the same dropout masks.
 * ``trl_bf16``: the same, with the weights loaded in bf16 (``model_init_kwargs``). Not a competitor: the yardstick
   of numerical noise. Its loss differences to ``trl`` are what bf16 rounding alone does to the trajectory.
-* ``ours``: ``sempa_exp.objectives.recipe.build_trainer`` on the config ``trainer=cpu`` (plus the batch/steps overrides),
+* ``ours``: ``sempa_exp.objectives.sempa.SempaObjective.build_trainer`` on the config ``trainer=cpu`` (plus the batch/steps overrides),
   i.e. the framework's defaults: bf16 weights, no gradient checkpointing, reference log-probs precomputed in
   length-sorted batches and cached on disk, completion-only LM head, micro-batches of a step regrouped by length.
   ``cold``: an empty cache; tokenization and the reference log-probs are part of its construction. ``warm``: a later
@@ -48,10 +48,10 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sempa_exp.config.schema import register_configs
-    from sempa_exp.train import CONF_DIR
+    from sempa_exp.config.location import CONF_DIR
+    from sempa_exp.config.registry import register_all
 
-    register_configs()
+    register_all()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return OmegaConf.to_object(hydra_compose(config_name="config", overrides=overrides))
 
@@ -68,10 +68,10 @@ def pairs(cfg):
     """The run's preference records: the framework's subset of the NLI triplets, in its order."""
     from sempa_exp.config.schema import data_dir
     from sempa_exp.data import nli
-    from sempa_exp.objectives.recipe import train_dataset
+    from sempa_exp.objectives.base import build_objective
 
     triplets, _ = nli.read_triplets(nli.resolve_source(cfg.data, data_dir(cfg)), cfg.data.max_sentence_chars)
-    return train_dataset(cfg, nli.subset(triplets, cfg.data.size, cfg.data.subset_seed))
+    return build_objective(cfg).dataset(cfg, nli.subset(triplets, cfg.data.size, cfg.data.subset_seed))
 
 
 def run_trl(cfg, out_dir: Path, weights_dtype: str | None = None):
@@ -80,11 +80,11 @@ def run_trl(cfg, out_dir: Path, weights_dtype: str | None = None):
     from sempa_exp.models.backbones import model_path
     from sempa_exp.objectives.recipe import peft_config
 
-    t = cfg.trainer
+    t, o = cfg.trainer, cfg.objective
     dataset = pairs(cfg)
     path = model_path(cfg.backbone, Path(cfg.paths.cache_dir).expanduser())  # the converted SmolLM2 folder
     args = DPOConfig(
-        output_dir=str(out_dir), beta=t.beta, loss_type=t.loss_type, learning_rate=t.learning_rate,
+        output_dir=str(out_dir), beta=o.beta, loss_type=o.loss_type, learning_rate=t.learning_rate,
         warmup_steps=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, max_length=t.max_length,
         per_device_train_batch_size=t.per_device_batch_size, gradient_accumulation_steps=t.grad_accum_steps,
@@ -100,13 +100,14 @@ def run_ours(cfg, out_dir: Path):
     import torch
 
     from sempa_exp.models.backbones import load_backbone
-    from sempa_exp.objectives.recipe import build_trainer
+    from sempa_exp.objectives.base import build_objective
 
     dataset = pairs(cfg)
     started = time.perf_counter()  # like the TRL side, which loads the model inside DPOTrainer
     model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir)
     model.to(torch.device("cpu"))
-    trainer = build_trainer(cfg, model, tokenizer, dataset, out_dir, [], world_size=1, use_cpu=True)
+    trainer = build_objective(cfg).build_trainer(cfg, model, tokenizer, dataset, out_dir, [], world_size=1,
+                                                use_cpu=True)
     return trainer, started
 
 
@@ -249,7 +250,7 @@ def main() -> None:
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for 'ours' (repeatable)")
     p.add_argument("--variant", action="append", default=[],
                    help="NAME:OVERRIDE[;OVERRIDE...]: one more 'ours' side with these overrides, run after the "
-                        "others on the same cache (e.g. 'full_head:trainer.completion_only_logits=false')")
+                        "others on the same cache (e.g. 'full_head:objective.completion_only_logits=false')")
     p.add_argument("--json", help="write the raw results here")
     p.add_argument("--verbose", action="store_true", help="show the children's output")
     p.add_argument("--cold-train", action="store_true",

@@ -511,9 +511,10 @@ def compose_project(backbone: str, method: str, dtype: str, data_dir: Path, over
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sempa_exp.config.schema import register_configs, validate
+    from sempa_exp.config.registry import register_all
+    from sempa_exp.config.schema import validate
 
-    register_configs()
+    register_all()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"backbone={backbone}", f"method={method}", f"eval.dtype={dtype}",
                                              f"paths.data_dir={data_dir}", "logger=none", *overrides])

@@ -12,7 +12,7 @@ What it checks, for one backbone (``--backbone smollm2_135m`` or ``gemma3_270m``
    which the template folds into the first user turn (``system + "\\n\\n" + query``).
 2. Tokens. Every pair as ms-swift encodes it (its template in ``rlhf`` mode: ``chatml`` with model_type ``llama``
    for SmolLM2, ``gemma3_text`` for Gemma 3; both the template's own ``encode`` and the rows its trainer was given)
-   against the rows the project's trainer trains on (``sempa_exp.objectives.recipe.build_trainer``: TRL tokenization, the
+   against the rows the project's trainer trains on (``SempaObjective.build_trainer``: TRL tokenization, the
    completion cut after ``backbone.turn_end``, the length filter at ``trainer.max_length``). Equal when the full
    prompt+chosen and prompt+rejected ids are equal and the scored positions (ms-swift's labels != -100; the project's
    completion positions) are equal.
@@ -83,10 +83,10 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sempa_exp.config.schema import register_configs
-    from sempa_exp.train import CONF_DIR
+    from sempa_exp.config.location import CONF_DIR
+    from sempa_exp.config.registry import register_all
 
-    register_configs()
+    register_all()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return OmegaConf.to_object(hydra_compose(config_name="config", overrides=overrides))
 
@@ -464,7 +464,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from sempa_exp.config.schema import validate
     from sempa_exp.models.backbones import load_backbone, model_path
-    from sempa_exp.objectives.recipe import build_trainer, train_dataset
+    from sempa_exp.objectives.base import build_objective
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -491,7 +491,8 @@ def run(args: argparse.Namespace) -> dict:
     jsonl = work / "pairs.jsonl"
     swift_records = swift_jsonl(records, cfg.data.system_prompt, setup["system_in_data"])
     jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in swift_records))
-    dataset = train_dataset(cfg, triplets)
+    objective = build_objective(cfg)
+    dataset = objective.dataset(cfg, triplets)
     print(f"[data] ms-swift gets {len(swift_records)} records in trans_data.py's format ({data['records_from']}); "
           f"system prompt {cfg.data.system_prompt!r} passed as "
           + ("a data-level system message: ms-swift's gemma3_text template has no system slot (--system asserts) "
@@ -518,8 +519,8 @@ def run(args: argparse.Namespace) -> dict:
     np.save(work / "project_logits.npy", check_logits)
     model.train()
     record: dict[str, Any] = {"lr_used": [], "logs": []}
-    trainer = build_trainer(cfg, model, tokenizer, dataset, work / "project_out", [make_recorder(record)],
-                            world_size=1, use_cpu=True)
+    trainer = objective.build_trainer(cfg, model, tokenizer, dataset, work / "project_out", [make_recorder(record)],
+                                      world_size=1, use_cpu=True)
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
     trainer.args.save_strategy = SaveStrategy.NO  # nothing to resume here
     init = initial_lora(trainer.model, args.lora_seed, args.init_b_std)
@@ -539,7 +540,7 @@ def run(args: argparse.Namespace) -> dict:
         "steps": args.steps,
         "hyper": {"batch": args.batch, "accum": args.accum, "steps": args.steps, "learning_rate": t.learning_rate,
                   "warmup_ratio": t.warmup_ratio, "lr_scheduler": t.lr_scheduler, "weight_decay": t.weight_decay,
-                  "adam_beta1": t.adam_beta1, "adam_beta2": t.adam_beta2, "beta": t.beta,
+                  "adam_beta1": t.adam_beta1, "adam_beta2": t.adam_beta2, "beta": cfg.objective.beta,
                   "max_length": t.max_length, "seed": cfg.seed, "lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
                   "lora_dropout": cfg.lora.dropout},
     }

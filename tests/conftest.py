@@ -13,8 +13,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from sempa_exp.config.schema import register_configs
-from sempa_exp.train import CONF_DIR
+from sempa_exp.config.location import CONF_DIR
+from sempa_exp.config.registry import register_all
 
 SUBJECTS = ["a man", "a woman", "the dog", "two children", "a cat", "the chef", "a girl", "an old man"]
 VERBS = ["is playing", "is eating", "is riding", "is cutting", "is watching", "is cleaning"]
@@ -129,7 +129,7 @@ TINY_OVERRIDES = [
 
 
 def compose_config(overrides: list[str] | None = None, data_root: Path | None = None) -> DictConfig:
-    register_configs()
+    register_all()
     extra = [f"paths.data_dir={data_root}"] if data_root is not None else []
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="config", overrides=[*(overrides or []), *extra], return_hydra_config=False)
@@ -141,6 +141,73 @@ def tiny_cfg(data_root, tmp_path):
         return compose_config([*TINY_OVERRIDES, f"paths.runs_dir={tmp_path / 'runs'}", *overrides], data_root)
 
     return make
+
+
+def tiny_trainer(cfg: DictConfig, triplets, output_dir: Path, world_size: int = 1):
+    """The HF trainer a training run builds for ``cfg``'s objective (LoRA attached), on the tiny backbone, CPU."""
+    from omegaconf import OmegaConf
+
+    from sempa_exp.models.backbones import load_backbone
+    from sempa_exp.objectives.base import build_objective
+
+    config = OmegaConf.to_object(cfg)
+    objective = build_objective(config)
+    model, tokenizer = load_backbone(config.backbone, config.paths.cache_dir)
+    return objective.build_trainer(config, model, tokenizer, objective.dataset(config, triplets), output_dir, [],
+                                   world_size=world_size, use_cpu=True)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if a backbone is loaded (a bad configuration must be rejected before that)."""
+    from sempa_exp.models import backbones
+    from sempa_exp.pipelines import training
+
+    def fail(*args, **kwargs):
+        pytest.fail("a backbone was loaded although the configuration is invalid")
+
+    monkeypatch.setattr(training, "load_backbone", fail)
+    monkeypatch.setattr(backbones, "load_backbone", fail)
+
+
+class FakeWandbRun:
+    """What the code under test sees of ``wandb.init()``'s run: it records what it is sent."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.fail_after = fail_after
+        self.logged: list[tuple[int, dict]] = []
+        self.summary: dict = {}
+        self.finished: list[int] = []
+
+    def define_metric(self, *args, **kwargs) -> None:
+        pass
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.fail_after is not None and len(self.logged) >= self.fail_after:
+            raise ConnectionError("api.wandb.ai unreachable")
+        self.logged.append((step, dict(metrics)))
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.finished.append(exit_code)
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    """``fake_wandb(fail_after=None)`` replaces wandb.init; returns the list of (init kwargs, FakeWandbRun) made."""
+    import wandb
+
+    made: list[tuple[dict, FakeWandbRun]] = []
+
+    def install(fail_after: int | None = None) -> list:
+        def init(**kwargs):
+            run = FakeWandbRun(fail_after)
+            made.append((kwargs, run))
+            return run
+
+        monkeypatch.setattr(wandb, "init", init)
+        return made
+
+    return install
 
 
 def pytest_report_header(config):

@@ -23,9 +23,9 @@ from analysis.tables import aligned_tokens_table
 from analysis.wandb_source import record_from_wandb
 from conftest import TINY_OVERRIDES, compose_config
 from sempa_exp import evaluate, train
+from sempa_exp.config.location import CONF_DIR
 from sempa_exp.config.schema import register_configs
 from sempa_exp.records.metrics import read_metrics
-from sempa_exp.train import CONF_DIR
 
 DATA_GROUP, TEMPLATE_GROUP, EVAL_GROUP = "ds", "tpl", "ev"
 TINY_EVAL = ["backbone=tiny", "eval.dtype=float32", "eval.geometry_sample=40", "eval.gar_sample=60",
@@ -307,7 +307,7 @@ def test_other_pca_and_aligned_token_formats(tmp_path, sweep):
         "after": [{"sentence": "A man plays.", "tokens": [["guitar", 0.3], ["music", 0.2]]}]}))
     runs = collect_local([run_dir])
     panels, problems = pca_panels(runs)
-    assert not problems and [p.method for p in panels] == ["mean_pooling"]
+    assert not problems and [p.method for p in panels] == ["mean"]
     result = pca_figure(panels, problems)
     sizes = {c.get_label(): len(c.get_offsets()) for c in result.figure.axes[0].collections}
     assert sizes == {"anchors": 6, "positives": 6, "negatives": 5}

@@ -16,10 +16,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from conftest import TINY_OVERRIDES, compose_config, make_data_root
-from sempa_exp import train
+from sempa_exp.config.location import CONF_DIR
+from sempa_exp.config.registry import register_all
 from sempa_exp.config.schema import ConfigError, validate
+from sempa_exp.pipelines import training
 
-CONF = Path(train.CONF_DIR)
+CONF = Path(CONF_DIR)
 NOT_OPTION_GROUPS = {"experiment", "hydra"}
 
 
@@ -46,8 +48,10 @@ def _sweep_points(params: dict) -> list[list[str]]:
 
 def test_the_tree_has_the_expected_groups():
     groups = {g for g, _ in _group_options()}
-    assert {"backbone", "template", "embed", "data", "lora", "trainer", "eval", "logger"} <= groups
+    assert {"backbone", "template", "embed", "data", "lora", "trainer", "objective", "eval", "logger"} <= groups
     assert _options("template") == ["p1", "p2", "p3", "p4", "p5"]
+    assert _options("objective") == ["contrastive", "sempa"]
+    assert _options("trainer") == ["cpu", "sempa"]  # the recipe only: objectives are their own group
 
 
 # Options that by design need a value only the user can give (their YAML comment says which).
@@ -76,6 +80,7 @@ def test_every_group_option_composes_and_validates(group, option, data_root):
 
     primary, prefix = _primary_for(group)
     overrides = [f"{prefix}{group}={option}", *USER_SUPPLIED.get((group, option), []), f"paths.data_dir={data_root}"]
+    register_all()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name=primary, overrides=overrides)
     if group in cfg:  # global-package options (hydra/launcher, cluster) have no node of their own
@@ -90,6 +95,7 @@ def test_every_experiment_and_sweep_point_composes_and_validates(experiment, dat
     assert base.run.group == experiment
     from hydra import compose, initialize_config_dir
 
+    register_all()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         hydra_cfg = compose(config_name="config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
     params = hydra_cfg.hydra.sweeper.get("params")
@@ -101,18 +107,12 @@ def test_every_experiment_and_sweep_point_composes_and_validates(experiment, dat
         validate(OmegaConf.to_object(cfg))
 
 
-def test_sweep_points_expand_the_cartesian_product():
-    assert _sweep_points({"template": "p1,p2", "embed": "prompteol,mean"}) == [
-        ["template=p1", "embed=prompteol"], ["template=p1", "embed=mean"],
-        ["template=p2", "embed=prompteol"], ["template=p2", "embed=mean"]]
-
-
 # ---------------------------------------------------------------------------------------------- bad configuration
 
 
 @pytest.mark.parametrize(("override", "group"), [
     ("template=p9", "template"), ("backbone=gpt5", "backbone"), ("trainer=ppo", "trainer"),
-    ("+experiment=nope", "experiment")])
+    ("trainer=contrastive", "trainer"), ("objective=dpo", "objective"), ("+experiment=nope", "experiment")])
 def test_unknown_option_names_the_valid_ones(override, group):
     with pytest.raises(MissingConfigException) as err:
         compose_config([override])
@@ -124,31 +124,27 @@ def test_unknown_option_names_the_valid_ones(override, group):
 
 @pytest.mark.parametrize(("override", "key", "kind"), [
     ("trainer.learning_rate=fast", "trainer.learning_rate", "Float"),
-    ("trainer.beta=high", "trainer.beta", "Float"),
-    ("trainer.beta=[0.1]", "trainer.beta", "Float"),
+    ("objective.beta=high", "objective.beta", "Float"),
+    ("objective.beta=[0.1]", "objective.beta", "Float"),
+    ("objective=contrastive objective.temperature=cold", "objective.temperature", "Float"),
     ("data.size=many", "data.size", "Integer"),
     ("lora.r=eight", "lora.r", "Integer"),
 ])
 def test_wrong_type_is_a_validation_error_naming_the_key(override, key, kind):
     with pytest.raises(ConfigCompositionException) as err:
-        compose_config([override])
+        compose_config(override.split())
     cause = err.value.__cause__
     assert isinstance(cause, ValidationError)
     assert f"full_key: {key}" in str(cause)
     assert f"could not be converted to {kind}" in str(cause)
 
 
-def test_misspelt_key_is_rejected():
-    with pytest.raises(ConfigCompositionException, match="trainer.learnig_rate"):
-        compose_config(["trainer.learnig_rate=1e-3"])
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def fail(*args, **kwargs):
-        pytest.fail("a backbone was loaded although the configuration is invalid")
-
-    monkeypatch.setattr(train, "load_backbone", fail)
+# a misspelt key, and keys of the old layout (the objective is its own group; DPO's keys live under objective.)
+@pytest.mark.parametrize("override", ["trainer.learnig_rate=1e-3", "trainer.method=contrastive", "trainer.beta=0.1",
+                                      "trainer.temperature=0.05", "objective.temperature=0.05"])
+def test_misspelt_or_moved_key_is_rejected(override):
+    with pytest.raises(ConfigCompositionException, match=override.split("=")[0].replace(".", r"\.")):
+        compose_config([override])
 
 
 @pytest.fixture
@@ -159,7 +155,6 @@ def sts_only_root(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["trainer.method=ppo"], "trainer.method='ppo' is not valid; choose one of: dpo"),
     (["data.size=0"], "data.size must be > 0, got 0"),
     (["data.size=-5"], "data.size must be > 0, got -5"),
     (["data.size=161"], "data.size=161 is larger than the 160 usable triplets"),
@@ -169,7 +164,8 @@ def sts_only_root(tmp_path) -> Path:
     (["lora.r=-8"], "lora.r must be > 0, got -8"),
     (["lora.dropout=1.0"], "lora.dropout must be in [0, 1)"),
     (["trainer.learning_rate=0"], "trainer.learning_rate must be > 0"),
-    (["trainer.beta=-0.1"], "trainer.beta must be > 0"),
+    (["objective.beta=-0.1"], "objective.beta must be > 0"),
+    (["objective=contrastive", "objective.temperature=0"], "objective.temperature must be > 0"),
     (["embed.pooling=max"], "embed.pooling='max' is not valid; choose one of: last, mean"),
     (["backbone.source=ftp"], "backbone.source='ftp' is not valid; choose one of: hub, gguf_package, local, tiny"),
     (["eval.at_start=[bleu]"], "eval.at_start[]='bleu' is not valid"),
@@ -182,7 +178,7 @@ def test_bad_config_is_rejected_before_model_and_run_dir(overrides, message, dat
     cfg = compose_config([f"paths.data_dir={data_root}", *TINY_OVERRIDES, f"paths.runs_dir={tmp_path / 'runs'}",
                           *overrides])
     with pytest.raises(ConfigError) as err:
-        train.run(cfg)
+        training.run(cfg)
     assert message in str(err.value)
     assert not (tmp_path / "runs").exists()
 
@@ -190,7 +186,7 @@ def test_bad_config_is_rejected_before_model_and_run_dir(overrides, message, dat
 def test_missing_nli_file_is_rejected(sts_only_root, tmp_path, no_model_load):
     cfg = compose_config([*TINY_OVERRIDES, f"paths.runs_dir={tmp_path / 'runs'}", "data.source=local"], sts_only_root)
     with pytest.raises(ConfigError, match="NLI data file not found: .*nli_triplets_devsets_subset.csv.gz"):
-        train.run(cfg)
+        training.run(cfg)
     assert not (tmp_path / "runs").exists()
 
 
@@ -199,7 +195,7 @@ def test_missing_sts_file_is_rejected(data_root, tmp_path, no_model_load):
     (root / "sts" / "STSBenchmark" / "dev.tsv").unlink()
     cfg = compose_config([*TINY_OVERRIDES, f"paths.runs_dir={tmp_path / 'runs'}"], root)
     with pytest.raises(ConfigError, match="STS file not found: .*STSBenchmark/dev.tsv"):
-        train.run(cfg)
+        training.run(cfg)
     assert not (tmp_path / "runs").exists()
 
 

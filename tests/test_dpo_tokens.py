@@ -8,21 +8,19 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import tiny_trainer
 from sempa_exp.config.schema import data_dir
 from sempa_exp.data import nli
-from sempa_exp.models.backbones import load_backbone
 from sempa_exp.objectives.dpo import end_at_turn_end
-from sempa_exp.objectives.recipe import build_trainer, train_dataset
 
 
 def prepared(tiny_cfg, tmp_path: Path, *overrides: str, size: int = 4):
-    cfg = OmegaConf.to_object(tiny_cfg(f"data.size={size}", *overrides))
+    composed = tiny_cfg(f"data.size={size}", *overrides)
+    cfg = OmegaConf.to_object(composed)
     triplets, _ = nli.load_triplets(cfg.data, data_dir(cfg))
     chosen = nli.subset(triplets, size, cfg.data.subset_seed)
-    model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir)
-    trainer = build_trainer(cfg, model, tokenizer, train_dataset(cfg, chosen), tmp_path / "out", [], world_size=1,
-                            use_cpu=True)
-    return cfg, tokenizer, chosen, trainer
+    trainer = tiny_trainer(composed, chosen, tmp_path / "out")
+    return cfg, trainer.processing_class, chosen, trainer
 
 
 def ids(tokenizer, text: str) -> list[int]:
@@ -31,7 +29,7 @@ def ids(tokenizer, text: str) -> list[int]:
 
 @pytest.mark.parametrize("cached", [True, False])
 def test_a_pair_is_the_swift_layout_prompt_then_each_answer_closed_by_the_turn_end(tiny_cfg, tmp_path, cached):
-    cfg, tokenizer, triplets, trainer = prepared(tiny_cfg, tmp_path, f"trainer.cache_prepared_data={cached}")
+    cfg, tokenizer, triplets, trainer = prepared(tiny_cfg, tmp_path, f"objective.cache_prepared_data={cached}")
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for row, t in zip(trainer.train_dataset, triplets, strict=True):
         instruction = cfg.template.text.replace("{s}", t.premise)
@@ -44,17 +42,17 @@ def test_a_pair_is_the_swift_layout_prompt_then_each_answer_closed_by_the_turn_e
 
 
 def test_trl_completion_with_the_template_tail_is_an_option(tiny_cfg, tmp_path):
-    _, tokenizer, triplets, trainer = prepared(tiny_cfg, tmp_path, "trainer.score_template_tail=true")
+    _, tokenizer, triplets, trainer = prepared(tiny_cfg, tmp_path, "objective.score_template_tail=true")
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     row, t = trainer.train_dataset[0], triplets[0]
     assert row["chosen_ids"] == [*ids(tokenizer, t.entailment), end, *ids(tokenizer, "\n")]
 
 
 def test_pairs_longer_than_max_length_are_dropped_whole_not_truncated(tiny_cfg, tmp_path):
-    *_, full = prepared(tiny_cfg, tmp_path, "trainer.max_length=512", "trainer.cache_prepared_data=false")
+    *_, full = prepared(tiny_cfg, tmp_path, "trainer.max_length=512", "objective.cache_prepared_data=false")
     lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in full.train_dataset]
     limit = sorted(lengths)[1]  # keeps the shortest pair(s) only
-    *_, cut = prepared(tiny_cfg, tmp_path, f"trainer.max_length={limit}", "trainer.cache_prepared_data=false")
+    *_, cut = prepared(tiny_cfg, tmp_path, f"trainer.max_length={limit}", "objective.cache_prepared_data=false")
     kept = [r for r in full.train_dataset
             if len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) <= limit]
     assert 0 < len(cut.train_dataset) == len(kept) < len(full.train_dataset)
@@ -65,7 +63,7 @@ def test_dropout_is_off_in_training_as_in_the_official_run(tiny_cfg, tmp_path):
     *_, trainer = prepared(tiny_cfg, tmp_path)
     rates = {m.p for m in trainer.model.modules() if type(m).__name__ == "Dropout"}
     assert rates == {0.0}
-    *_, kept = prepared(tiny_cfg, tmp_path, "trainer.disable_dropout=false")
+    *_, kept = prepared(tiny_cfg, tmp_path, "objective.disable_dropout=false")
     assert 0.05 in {m.p for m in kept.model.modules() if type(m).__name__ == "Dropout"}
 
 

@@ -14,10 +14,10 @@ from hydra import compose, initialize_config_dir
 from peft import LoraConfig, get_peft_model
 
 from sempa_exp import evaluate
+from sempa_exp.config.location import CONF_DIR
 from sempa_exp.config.schema import BackboneConfig, ConfigError, register_configs
 from sempa_exp.data.sts import SHORT_NAMES
 from sempa_exp.models.backbones import load_backbone
-from sempa_exp.train import CONF_DIR
 
 TINY_EVAL = [
     "backbone=tiny",

@@ -118,6 +118,23 @@ def test_local_mmlu_is_one_group_over_all_subjects(tmp_path):
                                                        "dev": str(gen_dir / "mmlu/dev/anatomy.jsonl")}
 
 
+@pytest.mark.parametrize("with_train", [False, True])
+def test_a_split_the_local_data_lacks_is_switched_off(tmp_path, with_train):
+    """The official hellaswag config (read with lm-eval's loader: it has a ``!function``) names a training split; a
+    local run without that file switches it off, one with the optional file reads it."""
+    gen_dir = tmp_path / "gen"
+    write_jsonl(gen_dir / "hellaswag" / "validation.jsonl", [])
+    if with_train:
+        write_jsonl(gen_dir / "hellaswag" / "train.jsonl", [])
+    plan = generation.plan_local(generation.BENCHMARKS["hellaswag"], gen_dir, tmp_path)
+    config = generation.yaml.safe_load((tmp_path / f"{plan.lm_eval_task}.yaml").read_text())
+    assert set(config["dataset_kwargs"]["data_files"]) == ({"validation", "train"} if with_train else {"validation"})
+    if with_train:
+        assert "training_split" not in config
+    else:
+        assert config["training_split"] is None
+
+
 class UniformLM(torch.nn.Module):
     """Logits of zero everywhere: every token has probability 1/vocab."""
 
@@ -250,7 +267,7 @@ def test_bad_generation_settings_are_rejected_before_any_model(override, key, tm
 
 
 def test_generation_table_gives_deltas_against_base_over_common_tasks():
-    from sempa_exp.gen_report import generation_table
+    from sempa_exp.evaluation.generation_table import generation_table
 
     def rec(gsm, tqa, ppl):
         tasks = {"gsm8k_cot": {"status": "ok", "score": gsm, "n": 20, "n_total": 1319, "limit": 20},

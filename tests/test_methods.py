@@ -18,6 +18,7 @@ from sempa_exp.embedding.encoder import SentenceEncoder
 from sempa_exp.embedding.prompt import PromptMethod
 from sempa_exp.embedding.token_prepending import TokenPrependingMethod
 from sempa_exp.models.backbones import load_backbone
+from sempa_exp.records.results import FINISHED, Results, RunKind, write_results
 
 PROMPTEOL = EmbedConfig(name="prompteol", template='This sentence : "{s}" means in one word:"')
 MEAN = EmbedConfig(name="mean", template="{s}", pooling="mean", prompteol_preprocess=False)
@@ -217,7 +218,12 @@ def test_checkpoint_adapter_is_found_and_changes_the_embeddings(tiny, tmp_path):
     adapter = resolve_adapter(run_dir)
     assert adapter == run_dir / "adapter" and resolve_adapter(adapter) == adapter
     assert trained_samples(adapter) is None  # no finished results.json: unknown, not 0
-    (run_dir / "results.json").write_text(json.dumps({"status": "finished", "samples_seen": 96}))
+    record = Results(kind=RunKind.TRAINING, group="g", name="run", run_dir=str(run_dir), method="sempa",
+                     status="unfinished", samples_seen=96)  # gen_eval's record of an unfinished run
+    write_results(run_dir, record)
+    assert trained_samples(adapter) is None
+    record.status = FINISHED
+    write_results(run_dir, record)
     assert trained_samples(adapter) == 96
     step_dir = run_dir / "checkpoints" / "checkpoint-2"
     peft_model.save_pretrained(str(step_dir))

@@ -157,9 +157,9 @@ def test_local_source_never_touches_the_hub(monkeypatch, tmp_path):
 def test_hub_source_is_used_by_prepare(monkeypatch, tiny_cfg, tmp_path):
     stand_in = write_raw(tmp_path / "nli_for_simcse.csv", good_rows(40), gz=False)
     monkeypatch.setattr(nli, "download_from_hub", lambda cfg: stand_in)
-    from sempa_exp import train
+    from sempa_exp.pipelines import training
 
-    prep = train.prepare(tiny_cfg("data.source=hub"))
+    prep = training.prepare(tiny_cfg("data.source=hub"))
     assert prep.data_file == stand_in
     assert prep.cleaning.kept == 40 and len(prep.triplets) == 32
     assert {t.premise for t in prep.triplets} <= {f"premise {i}" for i in range(40)}

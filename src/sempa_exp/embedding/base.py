@@ -9,9 +9,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from sempa_exp.config.schema import LAYER_SETTINGS, Config, MethodSettings
 from sempa_exp.models.architecture import decoder_parts
 
 
@@ -31,14 +34,41 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def settings_cache_key(cfg: Config, settings: MethodSettings) -> dict:
+    """The disk-cache key part of a training-free method: its whole config with the settings it runs with."""
+    from omegaconf import OmegaConf
+
+    method = OmegaConf.to_container(OmegaConf.structured(cfg.method))
+    return {"method": {**method, **{k: getattr(settings, k) for k in LAYER_SETTINGS}}}
+
+
+@dataclass
+class LoadedMethod:
+    model: torch.nn.Module
+    tokenizer: Any
+    method: EmbeddingMethod
+    #: provenance to record with the results (adapter folder, sbert model folder, ...)
+    info: dict = field(default_factory=dict)
+
+
 class EmbeddingMethod(ABC):
-    """How one sentence becomes model input and one batch of inputs becomes vectors."""
+    """How one sentence becomes model input and one batch of inputs becomes vectors.
+
+    A method is chosen by ``method._target_`` (conf/method/*.yaml). The class methods below are what the evaluate
+    entry uses: ``check_config`` before any model loads, ``load`` to get the model and the method object.
+    """
 
     #: what determines the vectors besides the backbone, dtype, embed config and max_length (the key parts of
     #: evaluation.EmbeddingCache); None = never cache them on disk (e.g. trained adapters)
     cache_key: dict | None = None
     #: whether the vectors live in the LM's hidden space, so projecting them through the LM head means something
     has_lm_head: bool = True
+    #: MethodSettings fields the method cannot run without (backbone.methods.<name> or method.<key>=)
+    required_settings: tuple[str, ...] = ()
+    #: whether the vectors come from the ``embed`` prompt (the results then name it)
+    uses_embed: bool = False
+    #: whether the method runs on the decoder backbone (False: an encoder of its own; results name no backbone)
+    uses_backbone: bool = True
 
     @abstractmethod
     def features(self, sentences: Sequence[str]) -> list[dict]:
@@ -47,6 +77,25 @@ class EmbeddingMethod(ABC):
     @abstractmethod
     def embed_batch(self, model: torch.nn.Module, batch: list[dict]) -> torch.Tensor:
         """(batch, dim) vectors for a batch of ``features`` dicts."""
+
+    @classmethod
+    def check_config(cls, cfg: Config, settings: MethodSettings) -> None:
+        """Checks of the method's config that need no model; raises ConfigError naming the key."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: Config, settings: MethodSettings, tokenizer: Any) -> EmbeddingMethod:
+        """The method object for a loaded decoder backbone's tokenizer."""
+
+    @classmethod
+    def load(cls, cfg: Config, settings: MethodSettings, device: torch.device) -> LoadedMethod:
+        """The backbone in ``cfg.eval.dtype`` on ``device`` and the method object; methods with a model of their own
+        (an encoder, an adapter) override this."""
+        from sempa_exp.models.backbones import load_backbone
+
+        model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir, dtype=cfg.eval.dtype)
+        model.to(device)
+        return LoadedMethod(model, tokenizer, cls.from_config(cfg, settings, tokenizer))
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

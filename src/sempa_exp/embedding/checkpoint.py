@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from sempa_exp.config.schema import ConfigError
+from sempa_exp.config.schema import Config, ConfigError, MethodSettings
+from sempa_exp.embedding.base import LoadedMethod
+from sempa_exp.embedding.prompt import PromptMethod
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,11 @@ def owning_run_config(adapter_dir: Path) -> dict | None:
 def trained_samples(adapter_dir: Path) -> int | None:
     """How many training samples the adapter was trained on, from its run's records; None when they cannot tell."""
     from sempa_exp.records.metrics import read_metrics
-    from sempa_exp.records.rundir import read_results
+    from sempa_exp.records.results import read_results
 
     if adapter_dir.name == "adapter":
-        results = read_results(adapter_dir.parent) or {}
-        return results.get("samples_seen") if results.get("status") == "finished" else None
+        results = read_results(adapter_dir.parent)
+        return results.samples_seen if results is not None and results.finished else None
     state = adapter_dir / "trainer_state.json"
     if not state.exists():
         return None
@@ -83,3 +85,42 @@ def check_backbone(adapter_dir: Path, backbone_name: str, embed_name: str) -> di
 
 def attach_adapter(model: torch.nn.Module, adapter_dir: Path) -> PeftModel:
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+
+
+class CheckpointMethod(PromptMethod):
+    """The ``embed`` prompt on the backbone with a trained adapter attached (never cached on disk)."""
+
+    @classmethod
+    def check_config(cls, cfg: Config, settings: MethodSettings) -> None:
+        if not cfg.method.path:
+            raise ConfigError("method=checkpoint needs method.path=<run dir, its adapter/ or a checkpoint-N folder>")
+
+    @classmethod
+    def from_config(cls, cfg: Config, settings: MethodSettings, tokenizer) -> CheckpointMethod:
+        method = cls(tokenizer, cfg.embed, cfg.eval.max_length, settings.output_layer)
+        method.cache_key = None
+        return method
+
+    @classmethod
+    def load(cls, cfg: Config, settings: MethodSettings, device: torch.device) -> LoadedMethod:
+        from sempa_exp.models.backbones import load_backbone
+
+        adapter = resolve_adapter(cfg.method.path)
+        run_config = check_backbone(adapter, cfg.backbone.name, cfg.embed.name)
+        model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir, dtype=cfg.eval.dtype)
+        model = attach_adapter(model, adapter).to(device)
+        info = {"adapter": str(Path(adapter).resolve()), "trained_with": trained_objective(run_config),
+                "samples_seen": trained_samples(adapter)}
+        return LoadedMethod(model, tokenizer, cls.from_config(cfg, settings, tokenizer), info)
+
+
+def trained_objective(run_config: dict | None) -> str | None:
+    """The objective a run trained with (its report method key); runs from before the objective group: trainer.method,
+    where SemPA was 'dpo'."""
+    if not run_config:
+        return None
+    objective = (run_config.get("objective") or {}).get("name")
+    if objective:
+        return objective
+    legacy = (run_config.get("trainer") or {}).get("method")
+    return {"dpo": "sempa"}.get(legacy, legacy)

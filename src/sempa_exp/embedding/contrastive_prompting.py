@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sempa_exp.config.schema import ConfigError, EmbedConfig
+from sempa_exp.config.schema import Config, ConfigError, EmbedConfig, MethodSettings
 from sempa_exp.data.prompts import embedding_prompt
 from sempa_exp.embedding.base import (
     EmbeddingMethod,
@@ -29,6 +29,7 @@ from sempa_exp.embedding.base import (
     left_pad,
     model_device,
     pool,
+    settings_cache_key,
 )
 from sempa_exp.models.architecture import decoder_parts
 
@@ -49,6 +50,21 @@ def steer(v_normal: torch.Tensor, v_aux: torch.Tensor, norm: str, alpha: float) 
 
 
 class ContrastivePromptingMethod(EmbeddingMethod):
+    required_settings = ("layer", "alpha")
+    uses_embed = True
+
+    @classmethod
+    def check_config(cls, cfg: Config, settings: MethodSettings) -> None:
+        if cfg.embed.pooling != "last":
+            raise ConfigError("method=contrastive_prompting steers the last token: it needs an embed with pooling=last")
+
+    @classmethod
+    def from_config(cls, cfg: Config, settings: MethodSettings, tokenizer) -> ContrastivePromptingMethod:
+        method = cls(tokenizer, cfg.embed, cfg.method.template or DEFAULT_AUX_TEMPLATE, settings.layer, settings.alpha,
+                     cfg.method.norm, cfg.eval.max_length, settings.output_layer)
+        method.cache_key = settings_cache_key(cfg, settings)
+        return method
+
     def __init__(self, tokenizer: PreTrainedTokenizerBase, embed: EmbedConfig, aux_template: str = DEFAULT_AUX_TEMPLATE,
                  layer: int = 4, alpha: float = 0.5, norm: str = "scaled", max_length: int | None = None,
                  output_layer: int | Sequence[int] | None = None) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sempa_exp.config.schema import ConfigError
+from sempa_exp.config.schema import Config, ConfigError, MethodSettings
 from sempa_exp.embedding.base import (
     EmbeddingMethod,
     decoder_hidden,
@@ -27,6 +27,7 @@ from sempa_exp.embedding.base import (
     left_pad_mask,
     model_device,
     pool,
+    settings_cache_key,
 )
 
 DEFAULT_ECHO_TEMPLATE = "<s>Rewrite the sentence: {!%%text%%}, rewritten sentence: {%%text%%}{</s>}"
@@ -60,6 +61,13 @@ def parse_template(template: str) -> list[Piece]:
 
 
 class EchoMethod(EmbeddingMethod):
+    @classmethod
+    def from_config(cls, cfg: Config, settings: MethodSettings, tokenizer) -> EchoMethod:
+        method = cls(tokenizer, cfg.method.template or DEFAULT_ECHO_TEMPLATE, cfg.eval.max_length,
+                     settings.output_layer)
+        method.cache_key = settings_cache_key(cfg, settings)
+        return method
+
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str = DEFAULT_ECHO_TEMPLATE,
                  max_length: int | None = None, output_layer: int | Sequence[int] | None = None) -> None:
         self.pieces = parse_template(template)

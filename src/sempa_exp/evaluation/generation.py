@@ -26,13 +26,12 @@ from typing import Any
 
 import yaml
 
-from sempa_exp.config.schema import ConfigError, GenConfig
+from sempa_exp.config.schema import GenConfig
 from sempa_exp.records import rundir
 
 log = logging.getLogger(__name__)
 
 LOCAL_PREFIX = "sempa_local_"
-SUPERSEDED_FILE = "generation.superseded.jsonl"
 
 
 @dataclass(frozen=True)
@@ -99,21 +98,13 @@ def _task_config(bench: Benchmark, official: Path, task_name: str, files: dict[s
     return config
 
 
-class _IgnoreTagsLoader(yaml.SafeLoader):
-    """Reads lm-eval YAMLs without resolving ``!function`` (only plain keys are looked at)."""
-
-
-_IgnoreTagsLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
-
-
 def _read_official(path: Path) -> dict[str, Any]:
-    """An lm-eval task config with its ``include`` chain merged (the including file's keys win)."""
-    config = yaml.load(path.read_text(), Loader=_IgnoreTagsLoader) or {}
-    includes = config.pop("include", None) or []
-    merged: dict[str, Any] = {}
-    for inc in includes if isinstance(includes, list) else [includes]:
-        merged.update(_read_official(path.parent / inc))
-    return {**merged, **config}
+    """An lm-eval task config with its ``include`` chain merged (the including file's keys win), read by lm-eval's
+    own loader as its TaskManager indexes tasks: ``!function`` tags are left unresolved (only plain keys are looked
+    at here). ``lm_eval.tasks._yaml_loader`` is private to lm-eval; pyproject.toml pins lm-eval (0.4.13)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(path, resolve_func=False, recursive=True)
 
 
 def _required_files(bench: Benchmark, gen_dir: Path, subject: str | None = None) -> tuple[dict[str, Path], list[Path]]:
@@ -332,31 +323,3 @@ def flat_metrics(record: dict[str, Any], prefix: str = "gen/") -> dict[str, floa
 
     out.update({f"{prefix}{k}": record["proxy"][k] for k in PROXY_KEYS if k in record.get("proxy", {})})
     return out
-
-
-def store_generation(run_dir: Path, label: str, record: dict[str, Any], base: dict[str, Any] | None = None) -> Path:
-    """Writes ``record`` as ``results.json["generation"][label]``, keeping everything else in the file.
-
-    A record it replaces is appended to generation.superseded.jsonl. ``base`` seeds a results file that does not exist
-    yet (the untrained backbone's folder). An unreadable results.json is an error, never overwritten.
-    """
-    import json
-
-    run_dir = Path(run_dir)
-    path = run_dir / rundir.RESULTS_FILE
-    if path.exists():
-        try:
-            results = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc}); the generation results are not written there") \
-                from exc
-    else:
-        results = dict(base or {})
-    generation = results.setdefault("generation", {})
-    if label in generation:
-        with (run_dir / SUPERSEDED_FILE).open("a") as f:
-            f.write(json.dumps({"label": label, **generation[label]}, default=str) + "\n")
-    generation[label] = record
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rundir.write_json_atomic(path, results)
-    return path

@@ -9,12 +9,24 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
 log = logging.getLogger(__name__)
 
 
 def world() -> tuple[int, int]:
     """(world size, global rank) of this process; (1, 0) outside a distributed launch."""
     return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
+def device_for(want: str) -> torch.device:
+    """``run.device`` as a torch device: ``auto`` is CUDA when there is one; under torchrun / a multi-task SLURM job
+    each process takes ``cuda:LOCAL_RANK`` (accelerate's convention)."""
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(want)
 
 
 def export_from_submitit() -> bool:

@@ -31,7 +31,8 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQueueConf, SlurmQueueConf
 from omegaconf import DictConfig, OmegaConf
 
-from sempa_exp.records import rundir
+from sempa_exp.records import identity, rundir
+from sempa_exp.records.results import is_finished, read_results, sweep_objective
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,6 @@ def register_launcher_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="hydra/launcher", name="submitit_slurm", node=SlurmLauncherConf, provider="sempa_exp")
     cs.store(group="hydra/launcher", name="submitit_local", node=LocalLauncherConf, provider="sempa_exp")
-
-
-def run_dir_of(cfg: DictConfig) -> Path:
-    """The run directory of a composed job config (the same rule as ``train.resolve_run_name``)."""
-    name = cfg.run.name or cfg.hydra.job.override_dirname
-    return rundir.run_dir_for(cfg.paths.runs_dir, cfg.run.group, rundir.run_name_from_overrides(name))
 
 
 def job_marker(run_dir: Path) -> Path:
@@ -143,8 +138,8 @@ class SweepLauncherMixin:
 
     def _plan(self, overrides: list[str], index: int) -> PlannedRun:
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-        run_dir = run_dir_of(cfg)
-        skip = "already finished" if cfg.run.skip_finished and rundir.is_finished(run_dir) else None
+        run_dir = identity.run_dir(cfg)
+        skip = "already finished" if cfg.run.skip_finished and is_finished(run_dir) else None
         return PlannedRun(index, overrides, cfg, run_dir, skip)
 
     def _find_earlier_jobs(self, plans: list[PlannedRun]) -> None:
@@ -169,11 +164,9 @@ class SweepLauncherMixin:
 
     def _skipped_return(self, plan: PlannedRun) -> JobReturn:
         """The JobReturn of a run whose results file says finished."""
-        from sempa_exp.train import sweep_objective
-
         ret = JobReturn(overrides=plan.overrides, cfg=plan.config, task_name=plan.config.hydra.job.name,
                         status=JobStatus.COMPLETED)
-        ret.return_value = sweep_objective(rundir.read_results(plan.run_dir))
+        ret.return_value = sweep_objective(read_results(plan.run_dir))
         return ret
 
     def _executor(self) -> Any:
@@ -224,7 +217,7 @@ class SweepLauncherMixin:
                 except Exception as exc:  # no result: cancelled, timed out, killed, node failure, ...
                     detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                     reason = job.state if isinstance(exc, UncompletedJobError) else f"{job.state}: {detail}"
-                    if rundir.is_finished(plan.run_dir):  # killed after writing its results: the run is complete
+                    if is_finished(plan.run_dir):  # killed after writing its results: the run is complete
                         log.warning("%s: job %s ended %s after the run finished", plan.label, job.job_id, reason)
                         outcome = self._skipped_return(plan)
                     else:

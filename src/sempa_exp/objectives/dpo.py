@@ -15,7 +15,7 @@
 
 * ``turn_end_ids``: each completion ends at the chat template's turn end (``<|im_end|>``), as ms-swift encodes it;
   TRL's completion is everything the template renders after the prompt, the line break after the turn end included.
-  This one is not a speed-up: it changes the scored tokens to the paper's (``trainer.score_template_tail``).
+  This one is not a speed-up: it changes the scored tokens to the paper's (``objective.score_template_tail``).
 
 Under DDP the main process fills the cache first and the others then read it (TRL's own main-process-first order).
 """
@@ -31,12 +31,13 @@ import os
 import shutil
 import tempfile
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from unittest import mock
+from typing import Any
 
 import numpy as np
 import torch
+import trl
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from filelock import FileLock
@@ -57,6 +58,44 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 SOURCE_ROW = "source_row"  # index of the row in the (nested) data stream, kept through TRL's filtering
 LENGTH = "length"  # prompt + longer completion, for train_sampling_strategy=group_by_length
 VOCAB_CHUNK = 32768  # TRL's own vocabulary tile width
+
+# The TRL version that SempaDPOTrainer's overrides of TRL internals were written against and checked with;
+# pyproject.toml pins trl to it, and tests/test_trl_pin.py fails when either changes alone or when TRL stops
+# calling an override.
+# SempaDPOTrainer overrides these private DPOTrainer methods:
+#   _prepare_dataset(dataset, processing_class, args, dataset_name): called by DPOTrainer.__init__ (and evaluate) for
+#       each dataset. Ours routes the train set through the PreparedDataCache, cuts completions at the turn end, drops
+#       pairs longer than max_length (instead of truncating them) and adds the length column.
+#   _precompute_ref_logps(dataset, name, batch_size): called by DPOTrainer.__init__ (and evaluate) when
+#       precompute_ref_log_probs is on. Ours scores in length-sorted batches and reads/writes the cache's reference
+#       log-probs (and, with the cache, is called by our __init__ instead, sparing TRL's hash of every weight).
+# Also overridden, from transformers' Trainer (not TRL): get_batch_samples, for sort_within_step.
+# TRL internals used without being overridden: the precompute_ref_logps attribute (read by DPOTrainer._compute_loss),
+# DPOTrainer.compute_ref_log_probs, trl.trainer.dpo_trainer's module global global_then_local_main_first (swapped
+# out around TRL's tokenization, see _swapped), and the fused LM head TRL installs (forward(fused_lm_head=True)
+# -> FusedCausalLMOutput, ChunkedLogProbFunction's arguments) that install_completion_only_head replaces.
+TRL_VERSION_OVERRIDDEN = "1.16.0"
+
+
+def check_trl_version() -> bool:
+    """Warns (and returns False) when the installed TRL is not the one the overrides above were checked with."""
+    if trl.__version__ == TRL_VERSION_OVERRIDDEN:
+        return True
+    log.warning("TRL %s is installed, but SempaDPOTrainer overrides TRL internals (_prepare_dataset, "
+                "_precompute_ref_logps) checked with TRL %s only: run tests/test_trl_pin.py", trl.__version__,
+                TRL_VERSION_OVERRIDDEN)
+    return False
+
+
+@contextlib.contextmanager
+def _swapped(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` is ``value`` inside the block and its previous value again afterwards, exception or not."""
+    saved = getattr(owner, name)  # AttributeError when there is nothing to swap: never adds an attribute
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
 
 
 # ---------------------------------------------------------------------------------------------- cache keys + storage
@@ -182,7 +221,7 @@ def cache_ingredients(cfg: Config, tokenizer: PreTrainedTokenizerBase, use_cpu: 
         "system_prompt": d.system_prompt,
         "template": cfg.template.text,
         "max_length": cfg.trainer.max_length,
-        "turn_end": None if cfg.trainer.score_template_tail else (cfg.backbone.turn_end or tokenizer.eos_token),
+        "turn_end": None if cfg.objective.score_template_tail else (cfg.backbone.turn_end or tokenizer.eos_token),
         "versions": [trl.__version__, transformers.__version__],
     }
     reference = {
@@ -297,6 +336,7 @@ class SempaDPOTrainer(DPOTrainer):
         self.add_length_column = add_length_column
         self.turn_end = turn_end
         self._pair_hashes: np.ndarray | None = None
+        check_trl_version()
         args = kwargs.get("args")  # the DPOConfig (by keyword, as build_trainer passes it)
         # With the cache, the reference log-probs are ours to compute (below): TRL would first hash every weight of
         # the model for its own cache key (a minute on a 7B model, every run).
@@ -370,7 +410,7 @@ class SempaDPOTrainer(DPOTrainer):
                 return {k: end_at_turn_end(example[k], turn_end) for k in ("chosen_ids", "rejected_ids")}
             except ValueError as exc:
                 raise ConfigError(f"backbone.turn_end: {exc}; the chat template does not close the assistant turn "
-                                  f"with it (set backbone.turn_end, or trainer.score_template_tail=true)") from exc
+                                  f"with it (set backbone.turn_end, or objective.score_template_tail=true)") from exc
 
         return prepared.map(cut, desc="Completions end at the turn end")
 
@@ -381,7 +421,7 @@ class SempaDPOTrainer(DPOTrainer):
             def tokenize(rows: Dataset) -> Dataset:
                 # TRL orders the processes (main first) with barriers; here that ordering is ours (below), and a
                 # barrier inside the cache's file lock would deadlock a multi-process run.
-                with mock.patch.object(trl_dpo_module, "global_then_local_main_first", contextlib.nullcontext):
+                with _swapped(trl_dpo_module, "global_then_local_main_first", contextlib.nullcontext):
                     return self._tokenize_pairs(rows, processing_class, args, dataset_name)
 
             # The main process builds or extends the entry; the others then read it (a cache hit).

@@ -1,4 +1,4 @@
-"""The contrastive-learning foil (``trainer.method=contrastive``): the same backbone, LoRA, optimiser, schedule,
+"""The contrastive-learning foil (``objective=contrastive``): the same backbone, LoRA, optimiser, schedule,
 checkpoints and evaluation as SemPA, trained with SimCSE's supervised InfoNCE instead of DPO.
 
 Each NLI triplet gives an anchor (premise), a positive (entailment) and a hard negative (contradiction), all embedded
@@ -18,11 +18,12 @@ from datasets import Dataset
 from peft import get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
-from sempa_exp.config.schema import Config, EmbedConfig
+from sempa_exp.config.schema import Config, ContrastiveObjectiveConfig, EmbedConfig
 from sempa_exp.data import nli
 from sempa_exp.embedding.base import left_pad, left_pad_mask, pool
 from sempa_exp.embedding.prompt import PromptMethod
-from sempa_exp.objectives.recipe import recipe_kwargs
+from sempa_exp.objectives.base import Objective
+from sempa_exp.objectives.recipe import peft_config, recipe_kwargs
 
 ROLES = ("anchor", "positive", "negative")
 
@@ -74,24 +75,26 @@ class InfoNCETrainer(Trainer):
         return (loss, {"embeddings": embeddings}) if return_outputs else loss
 
 
-def contrastive_args(cfg: Config, output_dir: Path, world_size: int, use_cpu: bool) -> TrainingArguments:
-    """The SemPA recipe's optimisation and checkpointing (training.recipe_kwargs), without the DPO-only settings."""
-    return TrainingArguments(**recipe_kwargs(cfg, output_dir, world_size, use_cpu))
+class ContrastiveObjective(Objective):
+    config_class = ContrastiveObjectiveConfig
 
+    def dataset(self, cfg: Config, triplets: list[nli.Triplet]) -> Dataset:
+        """The raw (anchor, positive, negative) sentences."""
+        return Dataset.from_list(contrastive_records(triplets))
 
-def build_contrastive_trainer(cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                              dataset: Dataset, output_dir: Path, callbacks: list[TrainerCallback], world_size: int,
-                              use_cpu: bool, peft_config) -> InfoNCETrainer:
-    model = get_peft_model(model, peft_config)
-    if cfg.trainer.gradient_checkpointing:
-        model.enable_input_require_grads()  # the frozen embeddings must pass gradients on to the LoRA layers
-    return InfoNCETrainer(
-        model=model,
-        args=contrastive_args(cfg, output_dir, world_size, use_cpu),
-        train_dataset=dataset,
-        data_collator=TripletCollator(tokenizer, cfg.embed, cfg.trainer.max_length),
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        temperature=cfg.trainer.temperature,
-        pooling=cfg.embed.pooling,
-    )
+    def build_trainer(self, cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                      dataset: Dataset, output_dir: Path, callbacks: list[TrainerCallback], world_size: int,
+                      use_cpu: bool) -> InfoNCETrainer:
+        model = get_peft_model(model, peft_config(cfg))
+        if cfg.trainer.gradient_checkpointing:
+            model.enable_input_require_grads()  # the frozen embeddings must pass gradients on to the LoRA layers
+        return InfoNCETrainer(
+            model=model,
+            args=TrainingArguments(**recipe_kwargs(cfg, output_dir, world_size, use_cpu)),
+            train_dataset=dataset,
+            data_collator=TripletCollator(tokenizer, cfg.embed, cfg.trainer.max_length),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            temperature=self.config.temperature,
+            pooling=cfg.embed.pooling,
+        )

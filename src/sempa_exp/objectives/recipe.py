@@ -1,5 +1,5 @@
-"""LoRA-DPO with TRL (or the contrastive foil, sempa_exp.objectives.infonce): trainer construction and the callbacks that log
-metrics and evaluate every checkpoint."""
+"""The optimisation recipe every objective trains under (LoRA, optimiser, schedule, checkpoints, DDP) and the callbacks
+that log metrics and evaluate every checkpoint."""
 
 from __future__ import annotations
 
@@ -8,13 +8,10 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
-from trl import DPOConfig
+from transformers import TrainerCallback
 
-from sempa_exp.config.schema import Config, checkpoint_every_steps, global_batch_size
-from sempa_exp.data import nli
+from sempa_exp.config.schema import Config, checkpoint_every_steps
 from sempa_exp.records.metrics import RunLogger
 
 log = logging.getLogger(__name__)
@@ -70,25 +67,12 @@ def recipe_kwargs(cfg: Config, output_dir: Path, world_size: int, use_cpu: bool)
     )
 
 
-def dpo_args(cfg: Config, output_dir: Path, world_size: int, use_cpu: bool) -> DPOConfig:
-    t = cfg.trainer
-    return DPOConfig(
-        **recipe_kwargs(cfg, output_dir, world_size, use_cpu),
-        beta=t.beta,
-        loss_type=[t.loss_type],
-        max_length=t.max_length,
-        disable_dropout=t.disable_dropout,
-        precompute_ref_log_probs=t.precompute_ref_logps,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-    )
-
-
 class MetricsCallback(TrainerCallback):
     """Every TRL log record, against samples seen; a NaN/inf loss stops the run before the next checkpoint is saved."""
 
-    def __init__(self, run_logger: RunLogger, samples_per_step: int) -> None:
+    def __init__(self, run_logger: RunLogger, samples_at: Callable[[int], int]) -> None:
         self.run_logger = run_logger
-        self.samples_per_step = samples_per_step
+        self.samples_at = samples_at  # samples seen after a step (records.results.SampleClock.at)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
@@ -101,7 +85,7 @@ class MetricsCallback(TrainerCallback):
         if state.is_world_process_zero:
             metrics = {f"train/{k}": v for k, v in logs.items() if isinstance(v, (int, float))}
             self.run_logger.log(metrics, step=state.global_step,
-                                samples_seen=state.global_step * self.samples_per_step)
+                                samples_seen=self.samples_at(state.global_step))
 
 
 class CheckpointEvalCallback(TrainerCallback):
@@ -119,44 +103,3 @@ class CheckpointEvalCallback(TrainerCallback):
         # evaluating it left no scores for it; evaluate_step only runs the suites that step lacks.
         if state.global_step > 0 and state.is_world_process_zero:
             self.evaluate_step(state.global_step)
-
-
-def train_dataset(cfg: Config, triplets: list[nli.Triplet]) -> Dataset:
-    """DPO: conversational preference records; contrastive: the raw (anchor, positive, negative) sentences."""
-    if cfg.trainer.method == "contrastive":
-        from sempa_exp.objectives.infonce import contrastive_records
-
-        return Dataset.from_list(contrastive_records(triplets))
-    return Dataset.from_list(nli.dpo_records(triplets, cfg.template.text, cfg.data.system_prompt))
-
-
-def build_trainer(cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: Dataset,
-                  output_dir: Path, callbacks: list[TrainerCallback], world_size: int, use_cpu: bool) -> Trainer:
-    """DPO: the reference policy is the backbone with the adapter disabled (TRL's PEFT path: no second model copy).
-    Contrastive: the InfoNCE foil of sempa_exp.objectives.infonce, same LoRA and recipe."""
-    if cfg.trainer.method == "contrastive":
-        from sempa_exp.objectives.infonce import build_contrastive_trainer
-
-        return build_contrastive_trainer(cfg, model, tokenizer, dataset, output_dir, callbacks, world_size, use_cpu,
-                                         peft_config(cfg))
-    from sempa_exp.objectives.dpo import SempaDPOTrainer, prepared_data_cache, turn_end_ids
-
-    t = cfg.trainer
-    return SempaDPOTrainer(
-        turn_end=None if t.score_template_tail else turn_end_ids(tokenizer, cfg.backbone.turn_end),
-        completion_only_logits=t.completion_only_logits,
-        data_cache=prepared_data_cache(cfg, tokenizer, use_cpu) if t.cache_prepared_data else None,
-        add_length_column=t.group_by_length,
-        sort_within_step=t.sort_within_step,
-        model=model,
-        ref_model=None,
-        args=dpo_args(cfg, output_dir, world_size, use_cpu),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config(cfg),
-        callbacks=callbacks,
-    )
-
-
-def samples_per_step(cfg: Config, world_size: int) -> int:
-    return global_batch_size(cfg.trainer, world_size)

@@ -1,62 +1,28 @@
-"""Run directories: deterministic paths, finished-run detection, checkpoints to resume from, provenance."""
+"""Run directory files: the saved config, checkpoints to resume from, atomic JSON writes, provenance."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.yaml"
-# results.json status of gen_eval's record of an untrained backbone: generation scores only, never trained
-GENERATION_ONLY_STATUS = "base"
 KEY_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "hydra-core", "wandb", "numpy",
                  "scipy")
 
 
-MAX_NAME_CHARS = 200  # file names are limited to 255 bytes; leaves room for suffixes such as ".json"
+def start_run_dir(run_dir: Path, resolved: dict) -> None:
+    """Creates the run directory and writes the resolved config as config.json (read back by the same-experiment
+    check) and config.yaml (for people)."""
+    from omegaconf import OmegaConf
 
-
-def run_name_from_overrides(override_dirname: str) -> str:
-    """A filesystem-safe name from Hydra's ``job.override_dirname``; 'default' when there are no overrides.
-
-    A name longer than MAX_NAME_CHARS is cut and ends with a hash of the whole, so it stays unique and deterministic.
-    """
-    name = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", override_dirname).strip("_")
-    if len(name) > MAX_NAME_CHARS:
-        digest = hashlib.sha1(name.encode()).hexdigest()[:12]
-        name = f"{name[:MAX_NAME_CHARS - 13]}_{digest}"
-    return name or "default"
-
-
-def run_dir_for(runs_dir: str | Path, group: str, name: str) -> Path:
-    return Path(runs_dir).expanduser() / group / name
-
-
-def run_id_for(run_dir: Path) -> str:
-    """The W&B run id: a hash of the run directory's group/name, so a requeued or relaunched run resumes its W&B run."""
-    key = f"{run_dir.parent.name}/{run_dir.name}"
-    return hashlib.sha1(key.encode()).hexdigest()[:16]
-
-
-def read_results(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / RESULTS_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
-def is_finished(run_dir: Path) -> bool:
-    results = read_results(run_dir)
-    return bool(results) and results.get("status") == "finished"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", resolved)
+    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
 def _complete(checkpoint: Path) -> bool:

@@ -1,0 +1,262 @@
+"""One training run (``python -m sempa_exp.train``).
+
+Validate the config (no model, no run directory yet), load and subset the NLI triplets, then in the run directory:
+evaluate the untrained backbone (step 0 = the PromptEOL baseline of the run), train the LoRA adapter with the
+configured objective (a checkpoint every ``trainer.checkpoint_every_samples`` samples), evaluate each checkpoint and
+the final adapter, write ``results.json``. A finished run is reported, not redone; an unfinished one resumes from its
+latest checkpoint; a directory holding another experiment is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sempa_exp.config.schema import Config, ConfigError, data_dir, validate, validate_against_data
+from sempa_exp.data import nli
+from sempa_exp.embedding.encoder import SentenceEncoder
+from sempa_exp.evaluation.perplexity import build_proxy_set
+from sempa_exp.evaluation.suites import GEOMETRY_SAMPLE_DOC, EmbeddingCache, EvalData, evaluate, load_eval_data
+from sempa_exp.launch.distributed import device_for, world
+from sempa_exp.models.backbones import backbone_fingerprint, load_backbone
+from sempa_exp.objectives.base import Objective, build_objective
+from sempa_exp.records import identity, rundir
+from sempa_exp.records.metrics import RunLogger, read_metrics, rewind_metrics
+from sempa_exp.records.results import (
+    Results,
+    RunKind,
+    SampleClock,
+    best_by,
+    group_evaluations,
+    is_finished,
+    read_results,
+    write_results,
+)
+from sempa_exp.records.summary import print_training_summary
+
+log = logging.getLogger("sempa_exp")
+
+# Which suites a logged evaluation row shows were run (a resumed run does not redo them).
+SUITE_MARKERS = (("sts", "eval/sts_avg"), ("stsb_dev", "eval/stsb_dev"), ("geometry", "eval/uniformity"),
+                 ("ppl", "eval/ppl_nli"), ("gar", "eval/gar"))
+
+
+@dataclass
+class Prepared:
+    config: Config
+    resolved: dict
+    triplets: list[nli.Triplet]
+    cleaning: nli.CleaningReport
+    data_file: Path
+    eval_data: EvalData
+    run_dir: Path
+    world_size: int
+    rank: int
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Every check that needs neither a model nor a run directory; raises ConfigError with the offending key."""
+    config: Config = OmegaConf.to_object(cfg)
+    validate(config)
+    world_size, rank = world()
+    root = data_dir(config)
+    if not root.is_dir():
+        raise ConfigError(f"paths.data_dir does not exist: {root}")
+    data_file = nli.resolve_source(config.data, root)
+    triplets, cleaning = nli.read_triplets(data_file, config.data.max_sentence_chars, config.data.deduplicate)
+    log.info("data: %s", cleaning.summary())  # before the size check, so a too-small remainder is explained
+    size = validate_against_data(config, len(triplets), world_size)
+    chosen = nli.subset(triplets, size, config.data.subset_seed)
+    suites = set(config.eval.at_start) | set(config.eval.at_checkpoint) | set(config.eval.at_end)
+    e = config.eval
+    eval_data = load_eval_data(root, suites, e.geometry_sample, e.gar_sample, e.gar_top_k, e.gar_match)
+    if "ppl" in suites or (config.gen.at_end and config.gen.proxy):
+        eval_data.proxy = build_proxy_set(triplets, config.eval.ppl_sample, config.data.subset_seed,
+                                          config.template.text, config.data.system_prompt, train_size=size)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return Prepared(config, resolved, chosen, cleaning, data_file, eval_data, identity.run_dir(cfg), world_size,
+                    rank)
+
+
+class TrainingRun:
+    """One training run inside its run directory."""
+
+    def __init__(self, prep: Prepared) -> None:
+        self.prep = prep
+        self.cfg = prep.config
+        self.is_main = prep.rank == 0
+        self.device = device_for(self.cfg.run.device)
+        self.objective: Objective = build_objective(self.cfg)
+        self.evaluations: dict[int, dict] = {}  # step -> {step, samples_seen, eval/...}: what results.json records
+        self.clock: SampleClock | None = None  # known once the trainer has the training pairs
+        self._step_encoder: tuple[int, SentenceEncoder] | None = None
+
+    def samples_at(self, step: int) -> int:
+        return self.clock.at(step) if self.clock is not None else 0
+
+    def evaluated_suites(self, step: int) -> set[str]:
+        row = self.evaluations.get(step, {})
+        return {suite for suite, key in SUITE_MARKERS if key in row}
+
+    def encoder_for_step(self, step: int) -> SentenceEncoder:
+        """One encoder (and its memo of embedded sentences) per training step: the last checkpoint's evaluation and
+        the end-of-training one see the same weights, so sentences embedded by the first (STS-B dev, which holds the
+        geometry sample) are not embedded again by the second."""
+        if self._step_encoder is None or self._step_encoder[0] != step:
+            e = self.cfg.eval
+            encoder = SentenceEncoder(self.trainer.model, self.tokenizer, self.cfg.embed, batch_size=e.batch_size,
+                                      max_length=e.max_length)
+            self._step_encoder = (step, encoder)
+        return self._step_encoder[1]
+
+    def evaluate_step(self, step: int, suites: list[str], *, untrained: bool = False) -> dict[str, float]:
+        todo = [s for s in suites if s not in self.evaluated_suites(step)]
+        if not todo or not self.is_main:
+            return {}
+        started = time.time()
+        encoder = self.encoder_for_step(step)
+        cache = None
+        if untrained and self.cfg.eval.cache_embeddings:
+            cache = EmbeddingCache(self.cfg.paths.cache_dir, {
+                "backbone": backbone_fingerprint(self.cfg.backbone), "dtype": self.cfg.backbone.dtype,
+                "embed": self.prep.resolved["embed"], "max_length": self.cfg.eval.max_length})
+            cache.load_into(encoder)
+        metrics = evaluate(encoder, self.prep.eval_data, todo)
+        if cache is not None:
+            cache.save_from(encoder)
+        metrics["eval/seconds"] = time.time() - started
+        samples = self.samples_at(step)
+        self.run_logger.log(metrics, step=step, samples_seen=samples)
+        self.evaluations.setdefault(step, {"step": step, "samples_seen": samples}).update(metrics)
+        log.info("step %d (%d samples): %s", step, samples,
+                 ", ".join(f"{k.removeprefix('eval/')}={v:.2f}" for k, v in metrics.items() if k.count("/") == 1))
+        return metrics
+
+    def resume_point(self) -> Path | None:
+        checkpoints = self.prep.run_dir / "checkpoints"
+        resume_from = rundir.latest_checkpoint(checkpoints) if self.cfg.run.resume else None
+        if self.is_main:
+            rundir.start_run_dir(self.prep.run_dir, self.prep.resolved)
+            # a fresh start supersedes every record of an earlier attempt; a resume, those after its checkpoint
+            step = int(resume_from.name.split("-")[-1]) if resume_from is not None else -1
+            dropped = rewind_metrics(self.prep.run_dir, step)
+            if resume_from is not None:
+                log.info("resuming from %s (%d later metric records superseded)", resume_from, dropped)
+                # evaluations of an earlier process: the only time they are read back from disk
+                self.evaluations = {e["step"]: e for e in group_evaluations(read_metrics(self.prep.run_dir))}
+            elif dropped:
+                log.info("an earlier attempt's %d metric records moved to metrics.superseded.jsonl", dropped)
+        return resume_from
+
+    def execute(self) -> Results | None:
+        cfg, prep = self.cfg, self.prep
+        run_dir = prep.run_dir
+        resume_from = self.resume_point()
+        self.run_logger = RunLogger(
+            run_dir, cfg.logger, run_id=identity.wandb_run_id(run_dir), group=cfg.run.group, name=run_dir.name,
+            config=prep.resolved, enabled=self.is_main)
+        exit_code = 1
+        try:
+            if cfg.run.num_threads:
+                torch.set_num_threads(cfg.run.num_threads)
+            model, self.tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir)
+            model.to(self.device)
+            from sempa_exp.objectives.recipe import CheckpointEvalCallback, MetricsCallback
+
+            dataset = self.objective.dataset(cfg, prep.triplets)
+            callbacks = [MetricsCallback(self.run_logger, self.samples_at),
+                         CheckpointEvalCallback(lambda step: self.evaluate_step(step, cfg.eval.at_checkpoint))]
+            self.trainer = self.objective.build_trainer(cfg, model, self.tokenizer, dataset, run_dir / "checkpoints",
+                                                        callbacks, prep.world_size, use_cpu=self.device.type == "cpu")
+            num_pairs = len(self.trainer.train_dataset)
+            if num_pairs < len(dataset):
+                log.warning("%d of %d pairs are left out: longer than trainer.max_length=%d tokens (ms-swift too)",
+                            len(dataset) - num_pairs, len(dataset), cfg.trainer.max_length)
+            t = cfg.trainer
+            self.clock = SampleClock(num_pairs, t.per_device_batch_size, t.grad_accum_steps, prep.world_size)
+            self.evaluate_step(0, cfg.eval.at_start, untrained=True)
+            started = time.time()
+            self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            final_step = self.trainer.state.global_step
+            results = None
+            if self.is_main:
+                self.trainer.save_model(str(run_dir / "adapter"))
+                self.evaluate_step(final_step, cfg.eval.at_end)
+                results = self.results(final_step, num_pairs, time.time() - started)
+                write_results(run_dir, results)
+                self.run_logger.summary(dict(results.final))
+                if cfg.gen.at_end:
+                    self.evaluate_generation(final_step)
+            exit_code = 0
+            return results
+        finally:
+            self.run_logger.finish(exit_code)
+
+    def evaluate_generation(self, final_step: int) -> None:
+        """gen.at_end: lm-eval benchmarks + perplexity proxy on the trained policy (PEFT, not merged)."""
+        from sempa_exp.evaluation.generation import evaluate_generation, flat_metrics
+        from sempa_exp.records.results import add_generation
+
+        cfg = self.cfg
+        info = {"backbone": cfg.backbone.name, "adapter": str(self.prep.run_dir / "adapter"), "merged": False,
+                "step": final_step}
+        record = evaluate_generation(self.trainer.model, self.tokenizer, cfg.gen, data_dir(cfg),
+                                     self.prep.eval_data.proxy if cfg.gen.proxy else None, info)
+        add_generation(self.prep.run_dir, "final", record, new=read_results(self.prep.run_dir))
+        metrics = flat_metrics(record)
+        self.run_logger.log(metrics, step=final_step, samples_seen=self.samples_at(final_step))
+        self.run_logger.summary(metrics)
+
+    def results(self, final_step: int, num_pairs: int, train_seconds: float) -> Results:
+        prep, cfg = self.prep, self.cfg
+        history = [self.evaluations[s] for s in sorted(self.evaluations)]
+        previous = read_results(prep.run_dir)  # gen_eval records of checkpoints, written while the run was unfinished
+        return Results(
+            kind=RunKind.TRAINING,
+            group=cfg.run.group,
+            name=prep.run_dir.name,
+            run_dir=str(prep.run_dir),
+            method=self.objective.name,
+            backbone=cfg.backbone.name,
+            template=cfg.template.name,
+            embed=cfg.embed.name,
+            data_size=len(prep.triplets),
+            train_pairs=num_pairs,
+            final_step=final_step,
+            samples_seen=self.samples_at(final_step),
+            start=self.evaluations.get(0, {}),
+            final=self.evaluations.get(final_step, {}),
+            best_by_stsb_dev=best_by(history, "eval/stsb_dev"),
+            evaluations=history,
+            generation=previous.generation if previous is not None else {},
+            details={
+                "data": {"file": str(prep.data_file), "sha256": rundir.sha256_file(prep.data_file),
+                         "cleaning": prep.cleaning.summary()},
+                "geometry_sample": GEOMETRY_SAMPLE_DOC.replace("N", str(cfg.eval.geometry_sample)),
+                "train_seconds_this_session": train_seconds,
+            },
+            world_size=prep.world_size,
+            versions=rundir.library_versions(),
+            git_commit=rundir.git_commit(),
+            config=prep.resolved,
+        )
+
+
+def run(cfg: DictConfig) -> Results | None:
+    """Trains one run; returns its record (None on ranks other than 0)."""
+    prep = prepare(cfg)
+    # before the skip: a finished run of another config is no answer
+    identity.check_same_experiment(prep.run_dir, prep.resolved, RunKind.TRAINING)
+    if prep.config.run.skip_finished and is_finished(prep.run_dir):
+        log.info("already finished, skipped: %s", prep.run_dir)
+        print(f"[sempa-exp] already finished, skipped: {prep.run_dir}")
+        return read_results(prep.run_dir)
+    results = TrainingRun(prep).execute()
+    if results is not None:
+        print_training_summary(results)
+    return results

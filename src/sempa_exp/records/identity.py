@@ -1,0 +1,110 @@
+"""Run identity, defined once: what makes two runs the same experiment, a run's name and directory, its W&B id.
+
+- **Name**: the command-line overrides that change what a run computes, sorted and joined (``data.size=256,
+  template=p2``; ``default`` when there are none), unless ``run.name`` is given. The overrides left out of names are
+  :data:`NOT_IN_NAME` (where a run goes, how it logs, how fast it runs); Hydra computes the joined string
+  (``hydra.job.override_dirname``) from this list, which :func:`register_identity_config` hands to it.
+- **Directory**: ``<paths.runs_dir>/<run.group>/<name>``, for the entry point and for the sweep launcher alike.
+- **Same experiment**: a directory holding a run whose :data:`SECTIONS` of the resolved config differ is never
+  resumed, skipped or overwritten; the check comes before any skip of a finished run.
+- **W&B id**: a hash of ``<group>/<name>``, so a requeued or relaunched run continues its W&B run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from sempa_exp.config.schema import ConfigError
+from sempa_exp.records.results import RunKind
+
+# Overrides that do not change what a run computes: left out of run names.
+NOT_IN_NAME = (
+    "experiment", "run.group", "run.name", "run.resume", "run.skip_finished", "run.device", "run.num_threads",
+    "logger", "logger.mode", "logger.project", "logger.entity",
+    "paths.data_dir", "paths.runs_dir", "paths.cache_dir",
+    "eval.batch_size",
+    "gen", "gen.at_end", "gen.limit", "gen.source", "gen.tasks", "gen.batch_size", "gen.max_gen_toks", "gen.dtype",
+    "gen.target",
+    "hydra.launcher", "cluster",
+)
+# The resolved-config sections that define an experiment of each kind.
+SECTIONS: dict[RunKind, tuple[str, ...]] = {
+    RunKind.TRAINING: ("backbone", "template", "embed", "data", "lora", "trainer", "objective", "seed"),
+    RunKind.EVALUATION: ("backbone", "embed", "method", "eval", "seed"),
+}
+# The sections of a training run's config that rebuild its model state and held-out data (gen_eval of a run).
+MODEL_STATE_SECTIONS = ("backbone", "data", "template")
+CONFIG_JSON = "config.json"
+MAX_NAME_CHARS = 200  # file names are limited to 255 bytes; leaves room for suffixes such as ".json"
+
+
+def register_identity_config() -> None:
+    """The ``run_identity`` node of conf/config.yaml's defaults: Hydra's override_dirname settings."""
+    ConfigStore.instance().store(name="run_identity", package="_global_", provider="sempa_exp", node={
+        "hydra": {"job": {"config": {"override_dirname": {
+            "kv_sep": "=", "item_sep": ",", "exclude_keys": list(NOT_IN_NAME)}}}}})
+
+
+def name_from_overrides(override_dirname: str) -> str:
+    """A filesystem-safe name from the joined overrides; 'default' when there are none. A name longer than
+    MAX_NAME_CHARS is cut and ends with a hash of the whole, so it stays unique and deterministic."""
+    name = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", override_dirname).strip("_")
+    if len(name) > MAX_NAME_CHARS:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+        name = f"{name[:MAX_NAME_CHARS - 13]}_{digest}"
+    return name or "default"
+
+
+def _override_dirname(cfg: DictConfig) -> str:
+    if "hydra" in cfg:  # a sweep job's config, as the launcher composes it
+        return str(cfg.hydra.job.override_dirname)
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get().job.override_dirname
+    except ValueError:  # outside a Hydra job (tests, notebooks)
+        return ""
+
+
+def run_name(cfg: DictConfig) -> str:
+    return name_from_overrides(cfg.run.name or _override_dirname(cfg))
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """``<paths.runs_dir>/<run.group>/<name>``."""
+    return Path(cfg.paths.runs_dir).expanduser() / cfg.run.group / run_name(cfg)
+
+
+def wandb_run_id(path: Path) -> str:
+    key = f"{path.parent.name}/{path.name}"
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def saved_config(path: Path) -> dict[str, Any] | None:
+    """The resolved config a run directory was started with; None when it holds none."""
+    file = Path(path) / CONFIG_JSON
+    if not file.exists():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{file} is damaged ({exc}); move the run directory away or restore the file") from None
+
+
+def check_same_experiment(path: Path, resolved: dict[str, Any], kind: RunKind) -> None:
+    """Refuses a run directory that holds another experiment (differing SECTIONS), naming what differs."""
+    saved = saved_config(path)
+    if saved is None:
+        return
+    differing = [k for k in SECTIONS[kind] if saved.get(k) != resolved.get(k)]
+    if differing:
+        raise ConfigError(
+            f"{path} holds a {kind.value} run with a different {', '.join(differing)} config; it is left untouched. "
+            f"Pick another run.name or run.group, or move that directory away.")
