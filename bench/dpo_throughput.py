@@ -12,7 +12,7 @@ seed, for ``--steps`` optimizer steps; each side runs in its own process (peak R
   i.e. train a different LoRA; with it on, both sides draw the same dropout masks.
 * ``trl_bf16``: the same, with the weights loaded in bf16 (``model_init_kwargs``). Not a competitor: the yardstick
   of numerical noise. Its loss differences to ``trl`` are what bf16 rounding alone does to the trajectory.
-* ``ours``: ``sempa_exp.objectives.sempa.SempaObjective.build_trainer`` on the config ``trainer=cpu`` (plus the batch/steps overrides),
+* ``ours``: ``SempaObjective.build_trainer`` on the config ``trainer=cpu`` (plus the batch/steps overrides),
   i.e. the framework's defaults: bf16 weights, no gradient checkpointing, reference log-probs precomputed in
   length-sorted batches and cached on disk, completion-only LM head, micro-batches of a step regrouped by length.
   ``cold``: an empty cache; tokenization and the reference log-probs are part of its construction. ``warm``: a later

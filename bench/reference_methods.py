@@ -65,7 +65,7 @@ the reference side. A sensitivity check runs the reference on the first 16 sente
 switched off (Echo: 'last' pooling; PretCoT: layer -1; TP: no prepending; CP: no steering), to show that a missing
 step would be noticed.
 
-Layer settings of TP and CP: these come from ``backbone.methods.<name>`` (``sempa_exp.config.schema.method_settings``). Where
+Layer settings of TP and CP: these come from ``backbone.methods.<name>`` (``method_settings``). Where
 the backbone has none, the script uses the authors' setting for their non-LLaMA-2 backbones: TP [1, 6), output
 -2 (the qwen2/gemma2 entries of token_prepending/config.yaml); CP layer 4, alpha 0.5 (LLaMA-2-7B), output -2. It passes
 these to the project as ``method.<key>=``. ``--setting key=value`` (or ``--setting token_prepending.exit_layer=5``)

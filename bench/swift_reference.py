@@ -78,7 +78,7 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rew
 
 
 def compose(overrides: list[str]):
-    """The project's Hydra config (conf/config.yaml) with these overrides, as a typed ``sempa_exp.config.schema.Config``."""
+    """The project's Hydra config (conf/config.yaml) with these overrides, as a typed ``Config``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf

@@ -22,10 +22,13 @@ from analysis.runs import STS_AVG, STS_TASKS, collect_local, load_run
 from analysis.tables import aligned_tokens_table
 from analysis.wandb_source import record_from_wandb
 from conftest import TINY_OVERRIDES, compose_config
-from sempa_exp import evaluate, train
 from sempa_exp.config.location import CONF_DIR
-from sempa_exp.config.schema import register_configs
+from sempa_exp.config.registry import register_all
+from sempa_exp.pipelines import evaluation, training
+from sempa_exp.records import wandb_sync
+from sempa_exp.records.identity import name_from_overrides
 from sempa_exp.records.metrics import read_metrics
+from sempa_exp.records.results import Results, RunKind, write_results
 
 DATA_GROUP, TEMPLATE_GROUP, EVAL_GROUP = "ds", "tpl", "ev"
 TINY_EVAL = ["backbone=tiny", "eval.dtype=float32", "eval.geometry_sample=40", "eval.gar_sample=60",
@@ -33,19 +36,19 @@ TINY_EVAL = ["backbone=tiny", "eval.dtype=float32", "eval.geometry_sample=40", "
 COLUMN = {"stsb": "STS-B", "sickr": "SICK-R", STS_AVG: "Avg"}
 
 
-def _train(runs_dir: Path, cache: Path, data_root: Path, group: str, name: str, *overrides: str) -> dict:
+def _train(runs_dir: Path, cache: Path, data_root: Path, group: str, name: str, *overrides: str) -> Results:
     cfg = compose_config([*TINY_OVERRIDES, f"paths.runs_dir={runs_dir}", f"paths.cache_dir={cache}",
                           f"run.group={group}", f"run.name={name}", *overrides], data_root)
-    return train.run(cfg)
+    return training.run(cfg)
 
 
-def _evaluate(runs_dir: Path, cache: Path, data_root: Path, name: str, *overrides: str) -> dict:
-    register_configs()
+def _evaluate(runs_dir: Path, cache: Path, data_root: Path, name: str, *overrides: str) -> Results:
+    register_all()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=[
             *TINY_EVAL, f"paths.runs_dir={runs_dir}", f"paths.cache_dir={cache}", f"paths.data_dir={data_root}",
             f"run.group={EVAL_GROUP}", f"run.name={name}", *overrides])
-    return evaluate.run(cfg)
+    return evaluation.run(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +98,8 @@ def quoted(tokens: list[str]) -> str:
     return " ".join(json.dumps(t, ensure_ascii=False) for t in tokens)
 
 
-def label(results: dict) -> str:
-    return f"{results['group']}/{results['name']}"
+def label(results: Results) -> str:
+    return f"{results.group}/{results.name}"
 
 
 def test_report_folder_has_page_tables_and_figures(sweep):
@@ -127,17 +130,17 @@ def test_main_table_values_come_from_results_files(sweep):
             continue
         row = by_source[f"run {label(results)}"]
         for task in (*STS_TASKS, STS_AVG):
-            assert num(row[COLUMN.get(task, task.upper())]) == pytest.approx(results["final"][f"eval/{task}"],
+            assert num(row[COLUMN.get(task, task.upper())]) == pytest.approx(results.final[f"eval/{task}"],
                                                                            abs=1e-9)
     assert by_source[f"run {label(sweep.results['eval_sempa'])}"]["method"] == "SemPA"  # the evaluated adapter
     assert num(by_source[f"run {label(sweep.results['eval_sempa'])}"]["samples_seen"]) == \
-        sweep.results["size48"]["samples_seen"]  # what the adapter was trained on
+        sweep.results["size48"].samples_seen  # what the adapter was trained on
     assert by_source[f"run {label(sweep.results['eval_prompteol'])}"]["method"] == "PromptEOL"
     # an untrained baseline without an evaluation run of its own is step 0 of a training run
     untrained = [r for r in rows if r["method"].endswith("(untrained)")]
     assert [r["method"] for r in untrained] == ["Pretended CoT (untrained)"]
     assert untrained[0]["source"] == f"step 0 of run {label(sweep.results['p2'])}"
-    assert num(untrained[0]["Avg"]) == pytest.approx(sweep.results["p2"]["start"]["eval/sts_avg"])
+    assert num(untrained[0]["Avg"]) == pytest.approx(sweep.results["p2"].start["eval/sts_avg"])
     assert by_source[f"run {DATA_GROUP}/killed (unfinished)"]["Avg"] == ""
     paper = {(r["backbone"], r["method"]): r for r in rows if r["source"] == "paper, Table 3"}
     assert num(paper[("llama2_7b", "SemPA")]["Avg"]) == 77.69 and num(paper[("llama3_8b", "PromptEOL")]["Avg"]) == 71.9
@@ -146,14 +149,14 @@ def test_main_table_values_come_from_results_files(sweep):
     rows = read_csv(sweep.training_only.out / "tables" / "main_sts.csv")
     row = next(r for r in rows if r["method"] == "PromptEOL (untrained)")
     assert row["source"] == f"step 0 of run {DATA_GROUP}/size32"
-    assert num(row["Avg"]) == pytest.approx(sweep.results["size32"]["start"]["eval/sts_avg"])
+    assert num(row["Avg"]) == pytest.approx(sweep.results["size32"].start["eval/sts_avg"])
 
 
 def test_gain_table_is_trained_minus_step_0(sweep):
     rows = {r["run"]: r for r in read_csv(sweep.full.out / "tables" / "gain.csv")}
     r48 = sweep.results["size48"]
     row = rows[label(r48)]
-    assert num(row["gain"]) == pytest.approx(r48["final"]["eval/sts_avg"] - r48["start"]["eval/sts_avg"])
+    assert num(row["gain"]) == pytest.approx(r48.final["eval/sts_avg"] - r48.start["eval/sts_avg"])
     assert num(row["paper gain LLaMA2-7B"]) == pytest.approx(77.69 - 70.03)
     assert row["paper SemPA avg (same backbone)"] == "not sourced" and row["untrained source"] == "step 0"
     assert label(sweep.results["eval_sempa"]) not in rows  # evaluation runs have no step 0 of their own
@@ -164,23 +167,23 @@ def test_data_size_figure_plots_the_runs_final_values(sweep):
     fig_result = sweep.full.figures["data_size"]
     finished = [sweep.results[k] for k in ("size32", "size48", "size40")]
     for panel, ax in zip(("stsb_dev", STS_AVG), fig_result.figure.axes, strict=True):
-        expected = sorted((r["samples_seen"], r["final"][f"eval/{panel}"]) for r in finished
-                          if f"eval/{panel}" in r["final"])
+        expected = sorted((r.samples_seen, r.final[f"eval/{panel}"]) for r in finished
+                          if f"eval/{panel}" in r.final)
         line = next(line for line in ax.get_lines() if line.get_label() == "tiny")
         assert same_points(zip(line.get_xdata(), line.get_ydata(), strict=True), expected)
         assert same_points(fig_result.points(panel, "tiny"), expected)
         baselines = [line for line in ax.get_lines() if line.get_linestyle() == "--" and len(line.get_ydata()) == 2]
-        assert baselines[0].get_ydata()[0] == pytest.approx(finished[0]["start"][f"eval/{panel}"])
+        assert baselines[0].get_ydata()[0] == pytest.approx(finished[0].start[f"eval/{panel}"])
     assert len(fig_result.points("stsb_dev", "tiny")) == 3
     assert len(fig_result.points(STS_AVG, "tiny")) == 2  # size40 has no final STS
     assert any("size40" in m for m in fig_result.missing)
     # dotted: the checkpoints of the largest run (48 triplets), from its results.json evaluations
     largest = sweep.results["size48"]
-    ckpt = [(e["samples_seen"], e["eval/stsb_dev"]) for e in largest["evaluations"] if e["step"] > 0]
+    ckpt = [(e["samples_seen"], e["eval/stsb_dev"]) for e in largest.evaluations if e["step"] > 0]
     assert len(ckpt) == 3 and same_points(fig_result.points("stsb_dev", "tiny checkpoints of size48"), ckpt)
     sidecar = read_csv(sweep.full.out / "figures" / "data_size.csv")
     plotted = [(num(r["x"]), num(r["y"])) for r in sidecar if r["panel"] == "stsb_dev" and r["series"] == "tiny"]
-    assert same_points(plotted, sorted((r["samples_seen"], r["final"]["eval/stsb_dev"]) for r in finished))
+    assert same_points(plotted, sorted((r.samples_seen, r.final["eval/stsb_dev"]) for r in finished))
     assert "separate runs" in fig_result.caption
 
 
@@ -203,16 +206,16 @@ def test_template_and_runs_tables(sweep):
     p1, p2 = sweep.results["p1"], sweep.results["p2"]
     row_p1 = next(r for r in templates if r["template"] == "P1")
     row_p2 = next(r for r in templates if r["template"] == "P2")
-    assert num(row_p1["PromptEOL avg"]) == pytest.approx(p1["final"]["eval/sts_avg"])
-    assert num(row_p1["PromptEOL delta"]) == pytest.approx(p1["final"]["eval/sts_avg"] - p1["start"]["eval/sts_avg"])
-    assert num(row_p2["Pretended CoT avg"]) == pytest.approx(p2["final"]["eval/sts_avg"])
+    assert num(row_p1["PromptEOL avg"]) == pytest.approx(p1.final["eval/sts_avg"])
+    assert num(row_p1["PromptEOL delta"]) == pytest.approx(p1.final["eval/sts_avg"] - p1.start["eval/sts_avg"])
+    assert num(row_p2["Pretended CoT avg"]) == pytest.approx(p2.final["eval/sts_avg"])
     assert row_p1["Pretended CoT avg"] == "" and row_p2["PromptEOL avg"] == ""  # not run: missing, not invented
     assert {r["sweep"] for r in templates} == {TEMPLATE_GROUP}  # the data-size sweep does not vary templates
     by_dev = {r["template"]: r for r in read_csv(sweep.full.out / "tables" / "templates_stsb_dev.csv")}
-    assert num(by_dev["P1"]["PromptEOL avg"]) == pytest.approx(p1["final"]["eval/stsb_dev"])
+    assert num(by_dev["P1"]["PromptEOL avg"]) == pytest.approx(p1.final["eval/stsb_dev"])
     assert num(by_dev["P2"]["Pretended CoT delta"]) == pytest.approx(
-        p2["final"]["eval/stsb_dev"] - p2["start"]["eval/stsb_dev"])
-    assert num(by_dev["untrained (step 0)"]["PromptEOL avg"]) == pytest.approx(p1["start"]["eval/stsb_dev"])
+        p2.final["eval/stsb_dev"] - p2.start["eval/stsb_dev"])
+    assert num(by_dev["untrained (step 0)"]["PromptEOL avg"]) == pytest.approx(p1.start["eval/stsb_dev"])
     assert by_dev["untrained (step 0)"]["PromptEOL delta"] == "-"  # the baseline has no delta to itself
 
     runs = {r["run"]: r for r in read_csv(sweep.full.out / "tables" / "runs.csv")}
@@ -227,18 +230,18 @@ def test_template_and_runs_tables(sweep):
 def test_geometry_and_gar_tables_use_the_best_source(sweep):
     ev_p, ev_s, r32, r48 = (sweep.results[k] for k in ("eval_prompteol", "eval_sempa", "size32", "size48"))
     full = read_csv(sweep.full.out / "tables" / "geometry.csv")[0]
-    assert num(full["PromptEOL uniformity"]) == pytest.approx(ev_p["final"]["eval/uniformity"])
-    assert num(full["SemPA isotropy"]) == pytest.approx(ev_s["final"]["eval/isotropy"])
+    assert num(full["PromptEOL uniformity"]) == pytest.approx(ev_p.final["eval/uniformity"])
+    assert num(full["SemPA isotropy"]) == pytest.approx(ev_s.final["eval/isotropy"])
     assert full["Mean pooling uniformity"] == ""  # no mean-pooling evaluation in these runs
     fallback = read_csv(sweep.training_only.out / "tables" / "geometry.csv")[0]
-    assert num(fallback["PromptEOL uniformity"]) == pytest.approx(r32["start"]["eval/uniformity"])
-    assert num(fallback["SemPA uniformity"]) == pytest.approx(r48["final"]["eval/uniformity"])
+    assert num(fallback["PromptEOL uniformity"]) == pytest.approx(r32.start["eval/uniformity"])
+    assert num(fallback["SemPA uniformity"]) == pytest.approx(r48.final["eval/uniformity"])
     assert f"{DATA_GROUP}/size32 step 0" in fallback["sources"]
 
     gar = read_csv(sweep.full.out / "tables" / "gar.csv")[0]
-    assert num(gar["GAR before training (PromptEOL)"]) == pytest.approx(ev_p["final"]["eval/gar"])
-    assert num(gar["GAR after training (SemPA)"]) == pytest.approx(ev_s["final"]["eval/gar"])
-    assert num(gar["delta"]) == pytest.approx(ev_s["final"]["eval/gar"] - ev_p["final"]["eval/gar"])
+    assert num(gar["GAR before training (PromptEOL)"]) == pytest.approx(ev_p.final["eval/gar"])
+    assert num(gar["GAR after training (SemPA)"]) == pytest.approx(ev_s.final["eval/gar"])
+    assert num(gar["delta"]) == pytest.approx(ev_s.final["eval/gar"] - ev_p.final["eval/gar"])
     missing = read_csv(sweep.training_only.out / "tables" / "gar.csv")[0]
     assert missing["GAR before training (PromptEOL)"] == "" and missing["GAR after training (SemPA)"] == ""
 
@@ -248,7 +251,7 @@ def test_pca_figure_and_aligned_tokens_come_from_the_evaluations(sweep):
     titles = [ax.get_title() for ax in result.figure.axes]
     assert titles == ["PromptEOL", "SemPA"]
     for ax, key in zip(result.figure.axes, ("eval_prompteol", "eval_sempa"), strict=True):
-        pca = json.loads((Path(sweep.results[key]["run_dir"]) / "pca.json").read_text())
+        pca = json.loads((Path(sweep.results[key].run_dir) / "pca.json").read_text())
         for collection in ax.collections:
             role = collection.get_label().removesuffix("s")
             expected = [(p["x"], p["y"]) for p in pca["points"] if p["role"] == role]
@@ -256,8 +259,8 @@ def test_pca_figure_and_aligned_tokens_come_from_the_evaluations(sweep):
     assert any("Mean pooling" in m for m in result.missing)
 
     rows = read_csv(sweep.full.out / "tables" / "aligned_tokens.csv")
-    before = json.loads((Path(sweep.results["eval_prompteol"]["run_dir"]) / "aligned_tokens.json").read_text())
-    after = json.loads((Path(sweep.results["eval_sempa"]["run_dir"]) / "aligned_tokens.json").read_text())
+    before = json.loads((Path(sweep.results["eval_prompteol"].run_dir) / "aligned_tokens.json").read_text())
+    after = json.loads((Path(sweep.results["eval_sempa"].run_dir) / "aligned_tokens.json").read_text())
     assert len(rows) == 3
     for row, b, a in zip(rows, before, after, strict=False):
         assert row["sentence"] == b["sentence"] == a["sentence"]
@@ -273,25 +276,41 @@ def test_bad_source_is_a_clear_error(tmp_path, capsys):
     assert "no run directories" in capsys.readouterr().err
 
 
-def test_wandb_run_becomes_the_same_record(sweep):
+@pytest.fixture
+def wandb_copy(sweep, fake_wandb) -> SimpleNamespace:
+    """What W&B holds of the size48 run: everything sempa_exp.sync_wandb sent it (config, logged records, summary),
+    captured by a fake wandb.init and served back the way the W&B API serves a run (history rows with ``_step``)."""
     run_dir = sweep.runs_dir / DATA_GROUP / "size48"
-    local = load_run(run_dir)
-    history = []
-    for row in read_metrics(run_dir):
-        row = dict(row)
-        row["_step"] = row.pop("step")
-        history.append(row)
-    fake = SimpleNamespace(config=local.config, summary=local.final, state="finished", group=DATA_GROUP,
-                           name=f"{DATA_GROUP}/size48", id="abc", path=["me", "sempa-exp", "abc"],
+    made = fake_wandb()
+    wandb_sync.sync(run_dir, mode="offline")
+    (kwargs, sent), = made
+    history = [{"_step": step, **metrics} for step, metrics in sent.logged]
+    return SimpleNamespace(config=kwargs["config"], summary=dict(sent.summary),
+                           state="finished" if sent.finished == [0] else "crashed", group=kwargs["group"],
+                           name=kwargs["name"], id=kwargs["id"], path=["me", kwargs["project"], kwargs["id"]],
                            scan_history=lambda: iter(history))
-    remote = record_from_wandb(fake)
-    assert (remote.group, remote.name, remote.method, remote.kind, remote.backbone, remote.data_size) == (
-        local.group, local.name, local.method, local.kind, local.backbone, local.data_size)
+
+
+def test_wandb_run_becomes_the_same_record(sweep, wandb_copy):
+    local = load_run(sweep.runs_dir / DATA_GROUP / "size48")
+    remote = record_from_wandb(wandb_copy)
+    assert (remote.group, remote.name, remote.status, remote.method, remote.kind, remote.backbone, remote.template,
+            remote.embed, remote.data_size, remote.samples_seen, remote.final_step) == (
+        local.group, local.name, local.status, local.method, local.kind, local.backbone, local.template,
+        local.embed, local.data_size, local.samples_seen, local.final_step)
+    assert (local.method, local.kind, local.data_size) == ("sempa", "training", 48)
     assert remote.evaluations == local.evaluations
+    assert remote.start == local.start
+
+    def scores(values: dict) -> dict:
+        return {k: v for k, v in values.items() if k.startswith("eval/")}
+
+    assert scores(remote.final) == scores(local.final) and scores(local.final)
     assert remote.series("stsb_dev") == local.series("stsb_dev")
     assert [r.get("train/loss") for r in remote.train_rows] == [r.get("train/loss") for r in local.train_rows]
     assert sum("train/loss" in r for r in remote.train_rows) == 6  # 48 triplets / 8 per step
-    assert remote.value("final", STS_AVG) == local.value("final", STS_AVG)
+    assert remote.value("final", STS_AVG) == local.value("final", STS_AVG) == sweep.results["size48"].final[
+        f"eval/{STS_AVG}"]
 
 
 def test_other_pca_and_aligned_token_formats(tmp_path, sweep):
@@ -358,16 +377,15 @@ def test_generation_table_takes_base_sempa_and_foil_records_with_deltas():
 
 def test_generation_only_record_stays_out_of_the_sts_tables(tmp_path, sweep):
     from analysis.tables import main_sts_table, runs_overview
-    from sempa_exp.records.rundir import GENERATION_ONLY_STATUS, RESULTS_FILE
 
     run_dir = tmp_path / "base" / "tiny"
-    run_dir.mkdir(parents=True)
     generation = {"base": {"tasks": {"mmlu": {"status": "ok", "score": 25.0, "n": 57}}}}
-    (run_dir / RESULTS_FILE).write_text(json.dumps({"status": GENERATION_ONLY_STATUS, "group": "base", "name": "tiny",
-                                                     "method": "base", "backbone": "tiny", "generation": generation}))
+    run_dir.mkdir(parents=True)
+    write_results(run_dir, Results(kind=RunKind.GENERATION, group="base", name="tiny", run_dir=str(run_dir),
+                                   method="base", backbone="tiny", generation=generation))
     base = load_run(run_dir)
     assert base.kind == "generation" and base.generation == generation
-    runs = [base, load_run(Path(sweep.results["eval_sempa"]["run_dir"]))]
+    runs = [base, load_run(Path(sweep.results["eval_sempa"].run_dir))]
     assert [r["source"] for r in main_sts_table(runs, []).records()] == [f"run {label(sweep.results['eval_sempa'])}"]
     rows = {r["run"]: r for r in runs_overview(runs).records()}
     assert rows["base/tiny"]["missing"] == "-" and rows["base/tiny"]["data_size"] == "-"
@@ -377,18 +395,17 @@ def test_generation_only_record_stays_out_of_the_sts_tables(tmp_path, sweep):
 
 def test_sweep_runs_are_labelled_by_the_overrides_that_differ():
     from analysis.runs import RunRecord, shorten_names
-    from sempa_exp.records.rundir import run_name_from_overrides
 
     fixed = "backbone=smollm2_135m,eval.at_end=_sts,stsb_dev_,trainer.checkpoint_every_samples=64"
-    long_fixed = fixed + ",trainer.max_length=128" + ",x" * 60  # cut by run_name_from_overrides, hash suffix
-    sizes = [RunRecord("ds", run_name_from_overrides(f"data.size={n},{long_fixed}"), "finished", "sempa")
+    long_fixed = fixed + ",trainer.max_length=128" + ",x" * 60  # cut by name_from_overrides, hash suffix
+    sizes = [RunRecord("ds", name_from_overrides(f"data.size={n},{long_fixed}"), "finished", "sempa")
              for n in (128, 512)]
     templates = [RunRecord("tpl", f"embed={e},{fixed},template={t}", "finished", "sempa")
                  for e in ("prompteol", "pretended_cot") for t in ("p1", "p2")]
     alone = RunRecord("smoke", "default", "finished", "sempa")
     named = [RunRecord("ev", "method=prompteol", "finished", "prompteol"),
              RunRecord("ev", "checkpoint_of_smoke", "finished", "sempa")]  # a run.name, not an override: kept
-    clash = [RunRecord("c", run_name_from_overrides(f"{long_fixed},seed={n}"), "finished", "sempa") for n in (1, 2)]
+    clash = [RunRecord("c", name_from_overrides(f"{long_fixed},seed={n}"), "finished", "sempa") for n in (1, 2)]
     shorten_names([*sizes, *templates, alone, *clash, *named])
     assert [r.label for r in named] == ["ev/method=prompteol", "ev/checkpoint_of_smoke"]
     assert len(sizes[0].name) == 200 and [r.label for r in sizes] == ["ds/data.size=128", "ds/data.size=512"]

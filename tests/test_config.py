@@ -139,6 +139,23 @@ def test_wrong_type_is_a_validation_error_naming_the_key(override, key, kind):
     assert f"could not be converted to {kind}" in str(cause)
 
 
+@pytest.mark.parametrize(("override", "key", "valid"), [
+    ("embed.pooling=max", "embed.pooling", "[last, mean]"),
+    ("backbone.source=ftp", "backbone.source", "[hub, gguf_package, local, tiny]"),
+    ("backbone.dtype=fp8", "backbone.dtype", "[float32, bfloat16, float16]"),
+    ("eval.at_start=[bleu]", "eval.at_start[0]", "[sts, stsb_dev, geometry, ppl, gar]"),
+    ("eval.gar_match=fuzzy", "eval.gar_match", "[text, id]"),
+    ("data.source=ftp", "data.source", "[auto, local, hub]"),
+    ("logger.mode=loud", "logger.mode", "[auto, online, offline, disabled]"),
+])
+def test_a_value_outside_its_choices_is_rejected_at_composition_naming_the_valid_ones(override, key, valid):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config([override])
+    cause = str(err.value.__cause__)
+    assert f"Invalid value '{override.split('=')[1].strip('[]')}', expected one of {valid}" in cause
+    assert f"full_key: {key}" in cause
+
+
 # a misspelt key, and keys of the old layout (the objective is its own group; DPO's keys live under objective.)
 @pytest.mark.parametrize("override", ["trainer.learnig_rate=1e-3", "trainer.method=contrastive", "trainer.beta=0.1",
                                       "trainer.temperature=0.05", "objective.temperature=0.05"])
@@ -166,9 +183,6 @@ def sts_only_root(tmp_path) -> Path:
     (["trainer.learning_rate=0"], "trainer.learning_rate must be > 0"),
     (["objective.beta=-0.1"], "objective.beta must be > 0"),
     (["objective=contrastive", "objective.temperature=0"], "objective.temperature must be > 0"),
-    (["embed.pooling=max"], "embed.pooling='max' is not valid; choose one of: last, mean"),
-    (["backbone.source=ftp"], "backbone.source='ftp' is not valid; choose one of: hub, gguf_package, local, tiny"),
-    (["eval.at_start=[bleu]"], "eval.at_start[]='bleu' is not valid"),
     (["template.text=no placeholder"], "must contain '{s}' exactly once"),
     (["paths.data_dir=/nonexistent/sempa"], "paths.data_dir does not exist: /nonexistent/sempa"),
     (["paths.data_dir=null"], "paths.data_dir is not set"),

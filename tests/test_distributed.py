@@ -3,7 +3,6 @@ the distributed environment of a multi-task submitit job is exported from SLURM'
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_OVERRIDES
-from sempa_exp import train
 from sempa_exp.launch import distributed
+from sempa_exp.pipelines import training
 from sempa_exp.records.metrics import read_metrics
+from sempa_exp.records.results import SampleClock, read_results
 
 REPO = Path(__file__).resolve().parents[1]
 # A learning rate high enough for the loss to move well away from log(2) in 4 steps; no dropout, whose masks are
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # keeps its two micro-batches as the two ranks get them (no sort_within_step regrouping): the same gradient, but
 # summed in another order, which Adam's first step can amplify past the STS tolerance below.
 DDP_OVERRIDES = ["trainer.learning_rate=5e-3", "trainer.warmup_ratio=0", "lora.dropout=0", "run.num_threads=1",
-                 "trainer.sort_within_step=false"]
+                 "objective.sort_within_step=false"]
 
 
 def run_process_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -52,20 +52,23 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_cf
     proc = run_process_group(cmd, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # one process (after: the two above found the caches cold): 4 per device x 2 accumulation = 8 samples per step
-    one = train.run(tiny_cfg(*DDP_OVERRIDES, "trainer.grad_accum_steps=2", "run.group=one"))
+    one = training.run(tiny_cfg(*DDP_OVERRIDES, "trainer.grad_accum_steps=2", "run.group=one"))
 
     two_dirs = [p for p in (tmp_path / "runs" / "two").iterdir() if not p.name.startswith(".")]
     assert len(two_dirs) == 1
-    two = json.loads((two_dirs[0] / "results.json").read_text())
-    assert (one["world_size"], two["world_size"]) == (1, 2)
-    assert two["final_step"] == one["final_step"] == 4
-    losses_one, losses_two = _train_losses(Path(one["run_dir"])), _train_losses(two_dirs[0])
+    two = read_results(two_dirs[0])
+    assert (one.world_size, two.world_size) == (1, 2)
+    assert two.final_step == one.final_step == 4
+    # the same samples seen after each step: 8 per step, 32 in all, whether 2 ranks x 4 or 1 process x 4 x 2
+    assert SampleClock(32, 4, 1, world_size=2).at(4) == two.samples_seen == one.samples_seen == 32
+    assert [r["samples_seen"] for r in read_metrics(two_dirs[0]) if "train/loss" in r] == [8, 16, 24, 32]
+    losses_one, losses_two = _train_losses(Path(one.run_dir)), _train_losses(two_dirs[0])
     assert [s for s, _ in losses_two] == [1, 2, 3, 4]  # rank 0 alone logs: no duplicated steps
     assert losses_one[-1][1] < losses_one[0][1] - 0.01  # the comparison below is not between two flat lines
     assert [loss for _, loss in losses_two] == pytest.approx([loss for _, loss in losses_one], rel=1e-5)
     # only rank 0 evaluates: one record per evaluated step, same scores as the single process
-    assert [e["step"] for e in two["evaluations"]] == [e["step"] for e in one["evaluations"]] == [0, 2, 4]
-    assert two["final"]["eval/stsb_dev"] == pytest.approx(one["final"]["eval/stsb_dev"], abs=1e-3)
+    assert [e["step"] for e in two.evaluations] == [e["step"] for e in one.evaluations] == [0, 2, 4]
+    assert two.final["eval/stsb_dev"] == pytest.approx(one.final["eval/stsb_dev"], abs=1e-3)
 
 
 SLURM_TASK_1_OF_2 = {
@@ -105,3 +108,17 @@ def test_single_task_job_and_torchrun_are_left_alone(clean_dist_env):
     clean_dist_env.setenv("SLURM_NTASKS", "2")
     clean_dist_env.setenv("RANK", "0")  # torchrun inside the job already set it
     assert not distributed.export_from_submitit()
+
+
+def test_device_for_follows_run_device_and_the_local_rank(clean_dist_env, monkeypatch):
+    import torch
+
+    assert distributed.world() == (1, 0)  # outside a distributed launch
+    assert distributed.device_for("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.device_for("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.device_for("auto") == torch.device("cuda")
+    clean_dist_env.setenv("LOCAL_RANK", "1")  # torchrun / a multi-task SLURM job: one GPU per process
+    assert distributed.device_for("auto") == distributed.device_for("cuda") == torch.device("cuda", 1)
+    assert distributed.device_for("cpu") == torch.device("cpu")

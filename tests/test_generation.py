@@ -9,14 +9,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 
 from conftest import TINY_OVERRIDES, compose_config, make_data_root
-from sempa_exp import gen_eval, train
 from sempa_exp.config.schema import BackboneConfig, ConfigError, GenConfig
 from sempa_exp.data import nli
 from sempa_exp.evaluation import generation, perplexity
 from sempa_exp.models.backbones import load_backbone
+from sempa_exp.pipelines import generation as gen_eval
+from sempa_exp.pipelines import training
 from sempa_exp.records.metrics import read_metrics
+from sempa_exp.records.results import (
+    SUPERSEDED_GENERATION_FILE,
+    Results,
+    ResultsError,
+    RunKind,
+    add_generation,
+    is_finished,
+    read_results,
+    write_results,
+)
 
 TRUTHFULQA_ITEMS = [
     {"question": "What color is the sky on a clear day?",
@@ -196,18 +208,32 @@ def test_completion_is_what_follows_the_prompt_in_the_chat_template(tiny):
     assert tokenizer.decode(completion) == "A man plays.<|im_end|>\n"
 
 
-def test_store_generation_keeps_the_results_file_and_the_replaced_record(tmp_path):
-    results = {"status": "finished", "final": {"eval/stsb_dev": 70.0}}
-    (tmp_path / "results.json").write_text(json.dumps(results))
-    generation.store_generation(tmp_path, "final", {"tasks": {}, "n": 1})
-    generation.store_generation(tmp_path, "final", {"tasks": {}, "n": 2})
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["final"] == results["final"] and saved["generation"]["final"]["n"] == 2
-    superseded = [json.loads(line) for line in (tmp_path / generation.SUPERSEDED_FILE).read_text().splitlines()]
+def test_add_generation_keeps_the_results_file_and_the_replaced_record(tmp_path):
+    results = Results(kind=RunKind.TRAINING, group="g", name="r", run_dir=str(tmp_path), method="sempa",
+                      final={"eval/stsb_dev": 70.0}, final_step=4, samples_seen=32)
+    write_results(tmp_path, results)
+    add_generation(tmp_path, "final", {"tasks": {}, "n": 1}, new=None)
+    add_generation(tmp_path, "final", {"tasks": {}, "n": 2}, new=None)
+    add_generation(tmp_path, "checkpoint-2", {"tasks": {}, "n": 3}, new=None)
+    saved = read_results(tmp_path)
+    assert saved.generation == {"final": {"tasks": {}, "n": 2}, "checkpoint-2": {"tasks": {}, "n": 3}}
+    saved.generation = {}
+    assert saved == results  # nothing else in the record touched
+    superseded = [json.loads(line) for line in (tmp_path / SUPERSEDED_GENERATION_FILE).read_text().splitlines()]
     assert superseded == [{"label": "final", "tasks": {}, "n": 1}]
+
+    # no record yet: ``new`` seeds it; without one, nothing is invented
+    fresh = tmp_path / "base" / "tiny"
+    seed = Results(kind=RunKind.GENERATION, group="base", name="tiny", run_dir=str(fresh), method="base")
+    add_generation(fresh, "base", {"tasks": {}}, new=seed)
+    assert read_results(fresh).generation == {"base": {"tasks": {}}} and read_results(fresh).kind is RunKind.GENERATION
+    with pytest.raises(ResultsError, match="has no results.json"):
+        add_generation(tmp_path / "nothing", "base", {"tasks": {}}, new=None)
+
+    # a damaged results.json is named and left as it is
     (tmp_path / "results.json").write_text("{broken")
-    with pytest.raises(ConfigError, match="not valid JSON"):
-        generation.store_generation(tmp_path, "final", {"tasks": {}})
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'results.json'} is damaged"):
+        add_generation(tmp_path, "final", {"tasks": {}}, new=None)
     assert (tmp_path / "results.json").read_text() == "{broken"
 
 
@@ -215,13 +241,13 @@ def test_gen_eval_on_a_tiny_run_base_and_at_end(tmp_path):
     root = write_gen_data(make_data_root(tmp_path / "data"))
     common = [*TINY_OVERRIDES, f"paths.runs_dir={tmp_path / 'runs'}", "eval=stsb_dev", "eval.ppl_sample=16",
               "gen.source=local", "gen.tasks=[truthfulqa_mc1]"]
-    results = train.run(compose_config(
+    results = training.run(compose_config(
         [*common, "eval.at_start=[stsb_dev,ppl]", "eval.at_end=[stsb_dev,ppl]", "gen.at_end=true"], root))
-    run_dir = Path(results["run_dir"])
-    start, final = results["start"], results["final"]
+    run_dir = Path(results.run_dir)
+    start, final = results.start, results.final
     assert {"eval/ppl_nli", "eval/logp_chosen", "eval/logp_margin"} <= set(start) & set(final)
     assert final["eval/logp_chosen"] != start["eval/logp_chosen"]  # DPO moved the policy
-    at_end = json.loads((run_dir / "results.json").read_text())["generation"]["final"]
+    at_end = read_results(run_dir).generation["final"]
     assert at_end["tasks"]["truthfulqa_mc1"]["n"] == 2 and at_end["model"]["merged"] is False
     assert at_end["proxy"]["logp_chosen"] == pytest.approx(final["eval/logp_chosen"], abs=1e-4)
     assert any("gen/truthfulqa_mc1" in row for row in read_metrics(run_dir))
@@ -230,21 +256,23 @@ def test_gen_eval_on_a_tiny_run_base_and_at_end(tmp_path):
     record = gen_eval.run(compose_config([*common, f"gen.target={run_dir}"], root))
     assert record["model"]["merged"] is True and record["proxy"]["fingerprint"] == at_end["proxy"]["fingerprint"]
     assert record["proxy"]["logp_chosen"] == pytest.approx(at_end["proxy"]["logp_chosen"], abs=1e-4)
-    saved = json.loads((run_dir / "results.json").read_text())
-    assert saved["final"] == results["final"] and saved["status"] == "finished"
-    assert (run_dir / generation.SUPERSEDED_FILE).exists()
+    saved = read_results(run_dir)
+    assert saved.final == results.final and saved.finished and saved.generation["final"] == record
+    superseded = [json.loads(line) for line in (run_dir / SUPERSEDED_GENERATION_FILE).read_text().splitlines()]
+    assert superseded == [{"label": "final", **at_end}]
 
     # the untrained backbone: its proxy is the run's step-0 evaluation
     base = gen_eval.run(compose_config(common, root))
     assert base["model"]["label"] == "base" and base["proxy"]["overlap_with_training"] == 0
     assert base["proxy"]["ppl_nli"] == pytest.approx(start["eval/ppl_nli"], rel=1e-4)
-    base_results = json.loads((tmp_path / "runs" / "base" / "tiny" / "results.json").read_text())
-    assert base_results["status"] == "base" and "base" in base_results["generation"]
+    base_results = read_results(tmp_path / "runs" / "base" / "tiny")
+    assert base_results.kind is RunKind.GENERATION and base_results.method == "base" and base_results.finished
+    assert base_results.generation == {"base": base}
 
     # a checkpoint: its own record, next to the final one
     ckpt = gen_eval.run(compose_config([*common, f"gen.target={run_dir / 'checkpoints' / 'checkpoint-2'}"], root))
     assert ckpt["model"]["step"] == 2
-    assert set(json.loads((run_dir / "results.json").read_text())["generation"]) == {"final", "checkpoint-2"}
+    assert set(read_results(run_dir).generation) == {"final", "checkpoint-2"}
 
     with pytest.raises(ConfigError, match="no trained adapter"):
         gen_eval.run(compose_config([*common, f"gen.target={tmp_path / 'data'}"], root))
@@ -253,10 +281,19 @@ def test_gen_eval_on_a_tiny_run_base_and_at_end(tmp_path):
     with pytest.raises(ConfigError, match="not a finished run"):
         gen_eval.run(compose_config([*common, f"gen.target={unfinished}"], root))
     assert not (unfinished / "results.json").exists()
+    # a checkpoint of an unfinished run: its record seeds an unfinished results.json (never taken for finished), and
+    # its metrics row sits at the samples seen the run logged at that step
+    gen_eval.run(compose_config([*common, f"gen.target={unfinished / 'checkpoints' / 'checkpoint-2'}"], root))
+    seeded = read_results(unfinished)
+    assert (seeded.kind, seeded.status, seeded.method) == (RunKind.TRAINING, "unfinished", "sempa")
+    assert set(seeded.generation) == {"checkpoint-2"} and not is_finished(unfinished)
+    logged = [r for r in read_metrics(unfinished) if "gen/truthfulqa_mc1" in r][-1]  # (the copy has the run's own)
+    trained = next(r for r in read_metrics(run_dir) if r["step"] == 2 and "train/loss" in r)
+    assert (logged["step"], logged["samples_seen"]) == (2, trained["samples_seen"]) == (2, 16)
 
 
-@pytest.mark.parametrize("override, key", [("gen.tasks=[gsm8k]", "gen.tasks"), ("gen.source=web", "gen.source"),
-                                           ("gen.limits.mmlu=0", "gen.limits.mmlu"), ("gen.limit=0", "gen.limit")])
+@pytest.mark.parametrize("override, key", [("gen.limits.mmlu=0", "gen.limits.mmlu"), ("gen.limit=0", "gen.limit"),
+                                           ("gen.batch_size=0", "gen.batch_size")])
 def test_bad_generation_settings_are_rejected_before_any_model(override, key, tmp_path):
     from omegaconf import OmegaConf
 
@@ -264,6 +301,15 @@ def test_bad_generation_settings_are_rejected_before_any_model(override, key, tm
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(OmegaConf.to_object(compose_config([*TINY_OVERRIDES, override], tmp_path)))
+
+
+@pytest.mark.parametrize("override, key", [("gen.tasks=[gsm8k]", "gen.tasks[0]"), ("gen.source=web", "gen.source"),
+                                           ("gen.limits.nope=2", "gen.limits.nope")])
+def test_unknown_generation_tasks_and_sources_are_rejected_when_composed(override, key, tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config([*TINY_OVERRIDES, override], tmp_path)
+    assert f"full_key: {key}" in str(err.value.__cause__)
+    assert "gsm8k_cot, mmlu, hellaswag, drop, truthfulqa_mc1" in str(err.value.__cause__) or key == "gen.source"
 
 
 def test_generation_table_gives_deltas_against_base_over_common_tasks():

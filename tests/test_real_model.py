@@ -15,11 +15,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import compose_config
-from sempa_exp import train
-from sempa_exp.config.schema import register_configs, validate
+from sempa_exp.config.location import CONF_DIR
+from sempa_exp.config.registry import register_all
+from sempa_exp.config.schema import validate
 from sempa_exp.embedding.encoder import SentenceEncoder
 from sempa_exp.evaluation.suites import evaluate, load_eval_data
 from sempa_exp.models.backbones import load_backbone
+from sempa_exp.pipelines import training
+from sempa_exp.records.metrics import read_metrics
 
 pytestmark = pytest.mark.real_model
 
@@ -60,11 +63,11 @@ def test_smollm2_dpo_run_end_to_end(smollm2_cache, tmp_path, monkeypatch):
         "trainer.checkpoint_every_samples=16", "eval=stsb_dev", "logger=none", f"paths.runs_dir={tmp_path}",
         f"paths.cache_dir={smollm2_cache}",
     ], Path(REAL_DATA_DIR))
-    results = train.run(cfg)
-    assert results["status"] == "finished"
-    assert results["train_pairs"] == 32  # no pair lost to max_length with the real chat template
-    assert [e["step"] for e in results["evaluations"]] == [0, 2, 4]
-    rows = [r for r in train.read_metrics(Path(results["run_dir"])) if "train/loss" in r]
+    results = training.run(cfg)
+    assert results.finished and results.method == "sempa"
+    assert results.train_pairs == 32  # no pair lost to max_length with the real chat template
+    assert [e["step"] for e in results.evaluations] == [0, 2, 4]
+    rows = [r for r in read_metrics(Path(results.run_dir)) if "train/loss" in r]
     assert len(rows) == 4 and all(0 < r["train/loss"] < 2 for r in rows)
     assert "train/rewards/accuracies" in rows[-1]
 
@@ -97,8 +100,8 @@ def test_gemma_loads_through_the_architecture_map_and_every_method_embeds(gemma,
     settings = {"token_prepending": ["method.start_layer=1", "method.exit_layer=3", "method.output_layer=-2"],
                 "contrastive_prompting": ["method.layer=3", "method.alpha=0.5", "method.output_layer=-2"]}
     for method in ("prompteol", "pretended_cot", "mean", "echo", "token_prepending", "contrastive_prompting"):
-        register_configs()
-        with initialize_config_dir(config_dir=train.CONF_DIR, version_base="1.3"):
+        register_all()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = OmegaConf.to_object(compose("evaluate", overrides=[
                 "backbone=gemma3_270m", f"method={method}", f"paths.data_dir={REAL_DATA_DIR}",
                 *settings.get(method, [])]))
@@ -115,36 +118,37 @@ def test_gemma_loads_through_the_architecture_map_and_every_method_embeds(gemma,
 def test_gemma_dpo_and_contrastive_train_and_their_checkpoints_evaluate(smollm2_cache, tmp_path, monkeypatch):
     """A few steps of each objective on the base model with its ms-swift chat template, then the adapter evaluated by
     the evaluate entry gives the training run's own final scores."""
-    from sempa_exp import evaluate
+    from sempa_exp.pipelines import evaluation
 
     monkeypatch.setenv("SEMPA_CACHE_DIR", str(smollm2_cache))
     common = ["backbone=gemma3_270m", "trainer=cpu", "data.size=16", "trainer.per_device_batch_size=4",
               "trainer.grad_accum_steps=2", "trainer.checkpoint_every_samples=8", "eval=geometry",
               "eval.geometry_sample=200", "eval.at_start=[]", "eval.at_checkpoint=[geometry]",
               "eval.at_end=[geometry]", "logger=none", f"paths.runs_dir={tmp_path}", f"paths.cache_dir={smollm2_cache}"]
-    for objective in ("dpo", "contrastive"):
-        results = train.run(compose_config([*common, f"trainer.method={objective}", f"run.group={objective}"],
-                                           Path(REAL_DATA_DIR)))
-        assert results["status"] == "finished" and results["final_step"] == 2, objective
-        rows = [r for r in train.read_metrics(Path(results["run_dir"])) if "train/loss" in r]
+    for objective in ("sempa", "contrastive"):
+        results = training.run(compose_config([*common, f"objective={objective}", f"run.group={objective}"],
+                                              Path(REAL_DATA_DIR)))
+        assert results.finished and results.final_step == 2 and results.method == objective, objective
+        rows = [r for r in read_metrics(Path(results.run_dir)) if "train/loss" in r]
         assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) for r in rows), objective
-        register_configs()
-        with initialize_config_dir(config_dir=train.CONF_DIR, version_base="1.3"):
+        register_all()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             check = compose("evaluate", overrides=[
-                "backbone=gemma3_270m", "method=checkpoint", f"method.path={results['run_dir']}",
+                "backbone=gemma3_270m", "method=checkpoint", f"method.path={results.run_dir}",
                 "eval.at_end=[geometry]", "eval.geometry_sample=200", "eval.pca_fraction=0", "logger=none",
                 f"paths.runs_dir={tmp_path}", f"paths.cache_dir={smollm2_cache}", f"paths.data_dir={REAL_DATA_DIR}",
                 f"run.name={objective}"])
-        again = evaluate.run(check)["final"]
-        assert again["eval/uniformity"] == pytest.approx(results["final"]["eval/uniformity"], abs=1e-6), objective
+        again = evaluation.run(check)
+        assert again.method == objective  # the evaluated checkpoint is the method it was trained with
+        assert again.final["eval/uniformity"] == pytest.approx(results.final["eval/uniformity"], abs=1e-6), objective
 
 
 @needs_gemma
 def test_gemma_generation_benchmark_and_proxy_run(smollm2_cache, tmp_path):
-    from sempa_exp import gen_eval
+    from sempa_exp.pipelines import generation as gen_eval
 
-    register_configs()
-    with initialize_config_dir(config_dir=train.CONF_DIR, version_base="1.3"):
+    register_all()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[
             "backbone=gemma3_270m", "gen=quick", "gen.tasks=[truthfulqa_mc1]", "gen.limit=2", "eval.ppl_sample=8",
             "logger=none", f"paths.runs_dir={tmp_path}", f"paths.cache_dir={smollm2_cache}",

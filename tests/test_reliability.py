@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 
@@ -25,11 +24,13 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES, compose_config, make_data_root
-from sempa_exp import sync_wandb, train
+from sempa_exp import sync_wandb
 from sempa_exp.config.schema import ConfigError, LoggerConfig
 from sempa_exp.objectives.recipe import NonFiniteLossError
-from sempa_exp.records import rundir
+from sempa_exp.pipelines import training
+from sempa_exp.records import identity, rundir, wandb_sync
 from sempa_exp.records.metrics import RunLogger, read_metrics
+from sempa_exp.records.results import Results, read_results, sweep_objective
 
 # 64 pairs / (4 x 2) = 8 optimizer steps, a checkpoint every 2 steps
 RUN_OVERRIDES = [*TINY_OVERRIDES, "data.size=64", "data.deduplicate=true"]  # the option; the default keeps them
@@ -60,18 +61,18 @@ def run_config(root: Path, base: Path, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def reference(messy_root, tmp_path_factory) -> dict:
+def reference(messy_root, tmp_path_factory) -> Results:
     """An uninterrupted run; returns its results."""
-    return train.run(run_config(messy_root, tmp_path_factory.mktemp("reference")))
+    return training.run(run_config(messy_root, tmp_path_factory.mktemp("reference")))
 
 
 def train_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if "train/loss" in r]
 
 
-def eval_scores(results: dict) -> dict[int, dict[str, float]]:
+def eval_scores(results: Results) -> dict[int, dict[str, float]]:
     return {e["step"]: {k: v for k, v in e.items() if k.startswith("eval/") and k != "eval/seconds"}
-            for e in results["evaluations"]}
+            for e in results.evaluations}
 
 
 def assert_same_scores(a: dict, b: dict) -> None:
@@ -87,35 +88,31 @@ def file_states(folder: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    monkeypatch.setattr(train, "load_backbone", lambda *a, **k: pytest.fail("a backbone was loaded"))
-
-
 # ---------------------------------------------------------------------------------------------------- provenance
 
 
 def test_results_record_versions_commit_data_hash_and_cleaning(reference, messy_root):
-    assert reference["status"] == "finished" and reference["final_step"] == 8
+    assert reference.finished and reference.final_step == 8
     for name in rundir.KEY_LIBRARIES:
-        assert reference["versions"][name] == metadata.version(name)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(train.__file__).parent, capture_output=True,
+        assert reference.versions[name] == metadata.version(name)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(training.__file__).parent, capture_output=True,
                           text=True).stdout.strip()
-    assert reference["git_commit"] in (head, f"{head}-dirty")
+    assert reference.git_commit in (head, f"{head}-dirty")
+    data = reference.details["data"]
     data_file = messy_root / NLI_FILE
-    assert reference["data"]["file"] == str(data_file)
-    assert reference["data"]["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
-    cleaning = reference["data"]["cleaning"]
+    assert data["file"] == str(data_file)
+    assert data["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
+    cleaning = data["cleaning"]
     assert "166 rows read, 160 kept" in cleaning
     for reason in ("2 duplicate", "2 empty or missing field", "1 non-UTF-8 bytes", "1 longer than 1000 characters"):
         assert reason in cleaning
-    saved = json.loads((Path(reference["run_dir"]) / "results.json").read_text())
-    assert saved["versions"] == reference["versions"] and saved["data"] == reference["data"]
+    saved = json.loads((Path(reference.run_dir) / "results.json").read_text())
+    assert saved["versions"] == reference.versions and saved["details"]["data"] == data
 
 
 def test_too_few_rows_left_after_cleaning_is_an_error(messy_root, tmp_path, no_model_load):
     with pytest.raises(ConfigError, match="data.size=161 is larger than the 160 usable triplets"):
-        train.run(run_config(messy_root, tmp_path, "data.size=161"))
+        training.run(run_config(messy_root, tmp_path, "data.size=161"))
     assert not (tmp_path / "runs").exists()
 
 
@@ -123,13 +120,14 @@ def test_too_few_rows_left_after_cleaning_is_an_error(messy_root, tmp_path, no_m
 
 
 def test_finished_run_is_reported_not_redone(reference, messy_root, no_model_load, caplog):
-    run_dir = Path(reference["run_dir"])
+    run_dir = Path(reference.run_dir)
     before = file_states(run_dir)
     assert "results.json" in before and "checkpoints/checkpoint-8/trainer_state.json" in before
     with caplog.at_level(logging.INFO, logger="sempa_exp"):
-        again = train.run(run_config(messy_root, run_dir.parents[2]))
-    assert again == json.loads((run_dir / "results.json").read_text())
-    assert again["final"] == reference["final"]
+        again = training.run(run_config(messy_root, run_dir.parents[2]))
+    assert again == read_results(run_dir) == reference
+    # what the entry point hands Hydra's sweeper: the same for the skipped run as for the run that wrote the record
+    assert sweep_objective(again) == sweep_objective(reference) == reference.final["eval/sts_avg"]
     assert file_states(run_dir) == before
     assert any("already finished, skipped" in r.getMessage() for r in caplog.records)
     # the cleaning counts are logged at every start
@@ -139,11 +137,11 @@ def test_finished_run_is_reported_not_redone(reference, messy_root, no_model_loa
 
 @pytest.mark.parametrize("skip_finished", ["true", "false"])
 def test_changed_experiment_is_refused_in_a_finished_run_dir(reference, messy_root, no_model_load, skip_finished):
-    run_dir = Path(reference["run_dir"])
+    run_dir = Path(reference.run_dir)
     before = file_states(run_dir)
     cfg = run_config(messy_root, run_dir.parents[2], "lora.r=4", f"run.skip_finished={skip_finished}")
-    with pytest.raises(ConfigError, match=r"holds a run with a different lora config; it is left untouched"):
-        train.run(cfg)
+    with pytest.raises(ConfigError, match=r"holds a training run with a different lora config; it is left untouched"):
+        training.run(cfg)
     assert file_states(run_dir) == before
 
 
@@ -152,59 +150,22 @@ def test_changed_experiment_is_refused_in_a_finished_run_dir(reference, messy_ro
 
 def test_same_config_and_seed_reproduce_subset_losses_and_scores(reference, messy_root, tmp_path):
     cfg = run_config(messy_root, tmp_path)
-    assert train.prepare(cfg).triplets == train.prepare(cfg).triplets
+    assert training.prepare(cfg).triplets == training.prepare(cfg).triplets
     # whatever ran before in this process must not matter
     torch.manual_seed(1234)
     torch.rand(1000)
     random.seed(99)
     np.random.seed(5)
-    repeat = train.run(cfg)
-    ref_rows, rep_rows = train_rows(Path(reference["run_dir"])), train_rows(Path(repeat["run_dir"]))
+    repeat = training.run(cfg)
+    ref_rows, rep_rows = train_rows(Path(reference.run_dir)), train_rows(Path(repeat.run_dir))
     assert [r["step"] for r in rep_rows] == [r["step"] for r in ref_rows] == list(range(1, 9))
     for a, b in zip(ref_rows, rep_rows, strict=True):
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5, abs=1e-7)
     assert_same_scores(eval_scores(reference), eval_scores(repeat))
-    assert repeat["data"]["sha256"] == reference["data"]["sha256"]
+    assert repeat.details["data"]["sha256"] == reference.details["data"]["sha256"]
 
 
 # ---------------------------------------------------------------------------------------------------------- W&B
-
-
-class FakeWandbRun:
-    def __init__(self, fail_after: int | None = None) -> None:
-        self.fail_after = fail_after
-        self.logged: list[tuple[int, dict]] = []
-        self.summary: dict = {}
-        self.finished: list[int] = []
-
-    def define_metric(self, *args, **kwargs) -> None:
-        pass
-
-    def log(self, metrics: dict, step: int) -> None:
-        if self.fail_after is not None and len(self.logged) >= self.fail_after:
-            raise ConnectionError("api.wandb.ai unreachable")
-        self.logged.append((step, dict(metrics)))
-
-    def finish(self, exit_code: int = 0) -> None:
-        self.finished.append(exit_code)
-
-
-@pytest.fixture
-def fake_wandb(monkeypatch):
-    import wandb
-
-    made: list[tuple[dict, FakeWandbRun]] = []
-
-    def install(fail_after: int | None = None) -> list:
-        def init(**kwargs):
-            run = FakeWandbRun(fail_after)
-            made.append((kwargs, run))
-            return run
-
-        monkeypatch.setattr(wandb, "init", init)
-        return made
-
-    return install
 
 
 def test_wandb_unreachable_at_start_keeps_local_metrics(tmp_path, monkeypatch, caplog):
@@ -224,13 +185,13 @@ def test_wandb_unreachable_at_start_keeps_local_metrics(tmp_path, monkeypatch, c
 def test_wandb_failing_mid_run_does_not_stop_training(tiny_cfg, fake_wandb, caplog):
     made = fake_wandb(fail_after=3)
     with caplog.at_level(logging.WARNING):
-        results = train.run(tiny_cfg("logger=wandb", "logger.mode=offline"))
-    assert results["status"] == "finished" and results["final_step"] == 4
+        results = training.run(tiny_cfg("logger=wandb", "logger.mode=offline"))
+    assert results.finished and results.final_step == 4
     (kwargs, fake), = made
-    assert kwargs["id"] == rundir.run_id_for(Path(results["run_dir"])) and kwargs["resume"] == "allow"
+    assert kwargs["id"] == identity.wandb_run_id(Path(results.run_dir)) and kwargs["resume"] == "allow"
     assert len(fake.logged) == 3 and fake.finished == [1]  # dropped at the first failure, never called again
     assert any("W&B logging failed" in r.getMessage() for r in caplog.records)
-    rows = read_metrics(Path(results["run_dir"]))
+    rows = read_metrics(Path(results.run_dir))
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
     assert sorted(r["step"] for r in rows if "eval/stsb_dev" in r) == [0, 2, 4]
 
@@ -238,7 +199,7 @@ def test_wandb_failing_mid_run_does_not_stop_training(tiny_cfg, fake_wandb, capl
 @pytest.fixture
 def copied_run(reference, tmp_path) -> Path:
     """A copy of the reference run under the same group/name (so the same W&B id)."""
-    source = Path(reference["run_dir"])
+    source = Path(reference.run_dir)
     target = tmp_path / source.parent.name / source.name
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoints", "adapter"))
     return target
@@ -246,9 +207,9 @@ def copied_run(reference, tmp_path) -> Path:
 
 def test_sync_wandb_replays_local_metrics_under_the_run_id(copied_run, fake_wandb):
     made = fake_wandb()
-    run_id = sync_wandb.sync(copied_run, mode="offline")
+    run_id = wandb_sync.sync(copied_run, mode="offline")
     (kwargs, fake), = made
-    assert run_id == kwargs["id"] == rundir.run_id_for(copied_run)
+    assert run_id == kwargs["id"] == identity.wandb_run_id(copied_run)
     assert kwargs["resume"] == "allow" and kwargs["group"] == "default" and kwargs["name"] == "default/default"
     assert kwargs["mode"] == "offline" and kwargs["config"]["lora"]["r"] == 8
     rows = read_metrics(copied_run)
@@ -260,21 +221,21 @@ def test_sync_wandb_replays_local_metrics_under_the_run_id(copied_run, fake_wand
 
 def test_sync_wandb_restores_non_finite_values():
     rows = [{"step": 3, "time": 1.0, "samples_seen": 24, "train/loss": "nan", "train/grad_norm": "inf"}]
-    ((step, metrics),) = sync_wandb.replay_records(rows)
+    ((step, metrics),) = wandb_sync.replay_records(rows)
     assert step == 3 and np.isnan(metrics["train/loss"]) and metrics["train/grad_norm"] == float("inf")
     assert metrics["samples_seen"] == 24 and "time" not in metrics
 
 
 def test_sync_wandb_command_in_offline_mode(copied_run, capsys):
     assert sync_wandb.main([str(copied_run), "--mode", "offline"]) == 0
-    run_id = rundir.run_id_for(copied_run)
+    run_id = identity.wandb_run_id(copied_run)
     assert f"W&B run {run_id}" in capsys.readouterr().out
     assert list((copied_run / "wandb").glob(f"offline-run-*-{run_id}")), "no offline W&B run with the run's id"
 
 
 def test_sync_wandb_rejects_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(ConfigError, match="is not a run directory"):
-        sync_wandb.sync(tmp_path, mode="offline")
+        wandb_sync.sync(tmp_path, mode="offline")
 
 
 # ----------------------------------------------------------------------------------------------------- NaN loss
@@ -294,8 +255,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_c
     monkeypatch.setattr(DPOTrainer, "compute_loss", poisoned)
     cfg = tiny_cfg()
     with pytest.raises(NonFiniteLossError, match="training loss is nan at step 3; stopping") as err:
-        train.run(cfg)
-    run_dir = train.prepare(cfg).run_dir
+        training.run(cfg)
+    run_dir = training.prepare(cfg).run_dir
     assert "The last good checkpoint is kept" in str(err.value)
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
@@ -314,38 +275,61 @@ def train_command(root: Path, base: Path) -> list[str]:
             f"paths.runs_dir={base / 'runs'}", f"paths.cache_dir={base / 'cache'}"]
 
 
+# `python -m sempa_exp.train`, SIGKILLed by itself right after step KILL_AT_STEP's training record is written: a real
+# kill (no exception handler, no finally block runs), at a known point instead of whenever a poll notices a file.
+KILLED_TRAIN = """
+import os, signal, sys
+from sempa_exp.objectives.recipe import MetricsCallback
+
+logged = MetricsCallback.on_log
+
+def on_log(self, args, state, control, logs=None, **kwargs):
+    logged(self, args, state, control, logs=logs, **kwargs)
+    if state.global_step == int(os.environ["KILL_AT_STEP"]) and logs and "loss" in logs:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+MetricsCallback.on_log = on_log
+from sempa_exp import train
+from sempa_exp.config.registry import register_all
+
+register_all()
+train.main()
+"""
+
+
 def test_killed_run_resumes_from_its_last_checkpoint(reference, messy_root, tmp_path):
     command, runs = train_command(messy_root, tmp_path), tmp_path / "runs"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with (tmp_path / "first.log").open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 300
-        while not list(runs.glob("default/*/checkpoints/checkpoint-4/trainer_state.json")):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint-4 within 300 s"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    script = tmp_path / "killed_train.py"
+    script.write_text(KILLED_TRAIN)
+    # killed during step 5's optimizer step records: checkpoint-4 is complete and evaluated, step 5 logged, not saved
+    first = subprocess.run([sys.executable, str(script), *command[3:]], capture_output=True, text=True,
+                           env={**env, "KILL_AT_STEP": "5"}, timeout=600)
+    assert first.returncode == -signal.SIGKILL, first.stdout[-3000:] + first.stderr[-3000:]
     (run_dir,) = [p for p in (runs / "default").iterdir() if p.name != ".hydra"]
-    assert not (run_dir / "results.json").exists(), "the run finished before it was killed; nothing was tested"
-    first_log = (tmp_path / "first.log").read_text()
-    assert "166 rows read, 160 kept" in first_log  # the cleaning counts are logged at run start
+    assert not (run_dir / "results.json").exists()
+    assert rundir.latest_checkpoint(run_dir / "checkpoints") == run_dir / "checkpoints" / "checkpoint-4"
+    assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4, 5]  # step 5: to be superseded on resume
+    assert "166 rows read, 160 kept" in first.stdout + first.stderr  # the cleaning counts are logged at run start
 
     second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming from {run_dir / 'checkpoints' / 'checkpoint-4'}" in second.stdout + second.stderr
+    superseded = [json.loads(line) for line in (run_dir / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in superseded] == [5]
 
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "finished" and results["final_step"] == 8
+    results = read_results(run_dir)
+    assert results.finished and results.final_step == 8
     rows = train_rows(run_dir)
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)) == list(range(1, 9))
     eval_steps = [r["step"] for r in read_metrics(run_dir) if "eval/stsb_dev" in r]
     assert eval_steps == sorted(set(eval_steps)) == [0, 2, 4, 6, 8]
     # the same numbers as the uninterrupted run
-    for a, b in zip(train_rows(Path(reference["run_dir"])), rows, strict=True):
+    for a, b in zip(train_rows(Path(reference.run_dir)), rows, strict=True):
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5, abs=1e-7), a["step"]
     assert_same_scores(eval_scores(reference), eval_scores(results))
+    assert results.samples_seen == reference.samples_seen == 64
 
 
 def test_a_checkpoint_saved_but_not_yet_evaluated_is_evaluated_on_resume(tiny_cfg, monkeypatch):
@@ -362,14 +346,14 @@ def test_a_checkpoint_saved_but_not_yet_evaluated_is_evaluated_on_resume(tiny_cf
     monkeypatch.setattr(CheckpointEvalCallback, "on_save", die)
     cfg = tiny_cfg()
     with pytest.raises(Killed):
-        train.run(cfg)
-    run_dir = train.prepare(cfg).run_dir
+        training.run(cfg)
+    run_dir = training.prepare(cfg).run_dir
     assert (run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists()
     assert [r["step"] for r in read_metrics(run_dir) if "eval/stsb_dev" in r] == [0]
 
     monkeypatch.setattr(CheckpointEvalCallback, "on_save", evaluate_on_save)
-    results = train.run(cfg)
-    assert [e["step"] for e in results["evaluations"]] == [0, 2, 4]
+    results = training.run(cfg)
+    assert [e["step"] for e in results.evaluations] == [0, 2, 4]
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4]
 
 

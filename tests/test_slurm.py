@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from conftest import compose_config, make_data_root
-from sempa_exp import train
+from sempa_exp.pipelines import training
 from sempa_exp.records.metrics import read_metrics
+from sempa_exp.records.results import Results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,9 +133,9 @@ def reference_run():
     """An uninterrupted in-process run of the same overrides (torch's thread count restored afterwards)."""
     threads = torch.get_num_threads()
 
-    def run(data_root: Path, runs_dir: Path, *overrides: str) -> dict:
+    def run(data_root: Path, runs_dir: Path, *overrides: str) -> Results:
         cfg = compose_config([*BASE, *overrides, f"paths.runs_dir={runs_dir}"], data_root)
-        return train.run(cfg)
+        return training.run(cfg)
 
     yield run
     torch.set_num_threads(threads)
@@ -259,13 +260,13 @@ def test_preempted_run_is_requeued_resumes_and_matches_an_uninterrupted_run(tmp_
 
     resumed = json.loads((run_dir / "results.json").read_text())
     reference = reference_run(slurm_data, tmp_path / "reference", "run.group=preempt", *config)
-    assert resumed["final_step"] == reference["final_step"] == 40
+    assert resumed["final_step"] == reference.final_step == 40
     losses = train_losses(run_dir)
     assert [s for s, _ in losses] == list(range(1, 41))  # no duplicated or out-of-order steps after the resume
-    assert losses == train_losses(Path(reference["run_dir"]))
-    assert [e["step"] for e in resumed["evaluations"]] == [e["step"] for e in reference["evaluations"]]
+    assert losses == train_losses(Path(reference.run_dir))
+    assert [e["step"] for e in resumed["evaluations"]] == [e["step"] for e in reference.evaluations]
     final = {k: v for k, v in resumed["final"].items() if k != "eval/seconds"}
-    assert final == {k: v for k, v in reference["final"].items() if k != "eval/seconds"}
+    assert final == {k: v for k, v in reference.final.items() if k != "eval/seconds"}
     print(f"preempted + requeued run: {seconds:.0f} s")
 
 
@@ -288,8 +289,8 @@ def test_two_task_job_trains_with_ddp_like_one_process(tmp_path, slurm_data, ref
     assert "rank 0 of 2" in logs and "rank 1 of 2" in logs
     two = json.loads((run_dir / "results.json").read_text())
     one = reference_run(slurm_data, tmp_path / "reference", "run.group=ddp", *common, "trainer.grad_accum_steps=2")
-    assert two["world_size"] == 2 and two["final_step"] == one["final_step"] == 4
-    losses_two, losses_one = train_losses(run_dir), train_losses(Path(one["run_dir"]))
+    assert two["world_size"] == 2 and two["final_step"] == one.final_step == 4
+    losses_two, losses_one = train_losses(run_dir), train_losses(Path(one.run_dir))
     assert [s for s, _ in losses_two] == [1, 2, 3, 4]
     assert [v for _, v in losses_two] == pytest.approx([v for _, v in losses_one], rel=1e-5)
     print(f"2-task DDP job: {seconds:.0f} s")

@@ -16,6 +16,7 @@ from typing import Any, Optional  # noqa: UP035 - OmegaConf needs typing.Optiona
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+
 class Choice(str, Enum):
     """A config value from a fixed set: OmegaConf rejects anything else when the config is composed and lists the valid
     values. It compares, hashes, prints and serialises as its value, so code and files see plain strings."""
@@ -253,7 +254,7 @@ class EvalConfig:
 
 @dataclass
 class GenConfig:
-    """Generation benchmarks through lm-evaluation-harness (sempa_exp.evaluation.generation, entry sempa_exp.gen_eval)."""
+    """Generation benchmarks through lm-evaluation-harness (sempa_exp.evaluation.generation; sempa_exp.gen_eval)."""
 
     name: str = "paper"
     tasks: list[GenTask] = field(default_factory=lambda: list(GenTask))
@@ -300,7 +301,7 @@ class RunConfig:
 
 @dataclass
 class MethodConfig:
-    """An embedding method of ``python -m sempa_exp.evaluate`` (options in conf/method/, code in sempa_exp.embedding.loading)."""
+    """An embedding method of ``python -m sempa_exp.evaluate`` (options: conf/method/; code: sempa_exp.embedding)."""
 
     _target_: str = MISSING  # the EmbeddingMethod class (sempa_exp.embedding.*): a new method = a new file + a YAML
     name: str = MISSING

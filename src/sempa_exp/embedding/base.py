@@ -81,6 +81,7 @@ class EmbeddingMethod(ABC):
     @classmethod
     def check_config(cls, cfg: Config, settings: MethodSettings) -> None:
         """Checks of the method's config that need no model; raises ConfigError naming the key."""
+        return None
 
     @classmethod
     @abstractmethod

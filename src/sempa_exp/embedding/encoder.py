@@ -1,10 +1,10 @@
 """Sentence embeddings: the one batching path every embedding method goes through.
 
 Each distinct sentence is embedded once; inputs are sorted by token length so batches carry little padding. What a
-sentence's input is and how a batch becomes vectors is the method's (sempa_exp.embedding.loading). The default method is the
-``embed`` config: a raw prompt around the sentence, left padding, last-token or mean pooling of the last layer's hidden
-state after the final norm (what ``hidden_states[-1]`` of the causal LM returns); only the decoder stack runs.
-"""
+sentence's input is and how a batch becomes vectors is the method's (sempa_exp.embedding.loading). The default
+method is the ``embed`` config: a raw prompt around the sentence, left padding, last-token or mean pooling of the
+last layer's hidden state after the final norm (what ``hidden_states[-1]`` of the causal LM returns); only the
+decoder stack runs."""
 
 from __future__ import annotations
 

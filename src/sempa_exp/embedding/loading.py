@@ -23,7 +23,9 @@ from sempa_exp.embedding.base import EmbeddingMethod, LoadedMethod
 
 
 def method_class(cfg: Config) -> type[EmbeddingMethod]:
-    """The EmbeddingMethod subclass that ``method._target_`` names (checked by config validation)."""
+    """The EmbeddingMethod subclass that ``method._target_`` names (checked by config validation). The class is looked
+    up rather than built by ``hydra.utils.instantiate``: a method needs the loaded tokenizer and its layer settings
+    resolved against the backbone's (``method_settings``), which its ``from_config`` takes."""
     if cfg.method is None:
         raise ConfigError("no method config: run `python -m sempa_exp.evaluate` (conf/evaluate.yaml)")
     return get_class(cfg.method._target_)

@@ -44,7 +44,7 @@ class SbertMethod(EmbeddingMethod):
 
     @classmethod
     def from_config(cls, cfg: Config, settings: MethodSettings, tokenizer) -> SbertMethod:
-        raise ConfigError("method=sbert is an encoder of its own: it is loaded with SbertMethod.load, not on a backbone")
+        raise ConfigError("method=sbert is an encoder of its own: SbertMethod.load loads it, not a backbone")
 
     @classmethod
     def load(cls, cfg: Config, settings: MethodSettings, device: torch.device) -> LoadedMethod:

@@ -1,13 +1,12 @@
 """Evaluation suites of one model state: the 7 STS tasks, STS-B dev, and the geometry of the embedding space.
 
-Metric names (also the W&B keys): ``eval/<task>`` is a task's headline score (pooled 'all' for STS12-16, test split for
-STS-B and SICK-R), ``eval/<task>/<subset>`` the per-sub-dataset scores, ``eval/sts_avg`` the 7-task average,
+Metric names (also the W&B keys): ``eval/<task>`` is a task's headline score (pooled 'all' for STS12-16, test split
+for STS-B and SICK-R), ``eval/<task>/<subset>`` the per-sub-dataset scores, ``eval/sts_avg`` the 7-task average,
 ``eval/stsb_dev`` the model-selection score, ``eval/uniformity`` and ``eval/isotropy`` the geometry, and the ``ppl``
 suite's generative proxy ``eval/ppl_nli``, ``eval/logp_chosen``, ``eval/logp_rejected``, ``eval/logp_margin``
-(sempa_exp.evaluation.perplexity, on held-out NLI triplets that ``EvalData.proxy`` holds), and the ``gar`` suite's global
-alignment rate ``eval/gar`` of the embeddings' LM-head aligned tokens (sempa_exp.evaluation.alignment; skipped for encoders
-without an LM head).
-"""
+(sempa_exp.evaluation.perplexity, on held-out NLI triplets that ``EvalData.proxy`` holds), and the ``gar`` suite's
+global alignment rate ``eval/gar`` of the embeddings' LM-head aligned tokens (sempa_exp.evaluation.alignment;
+skipped for encoders without an LM head)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Generation capability of one model state (``python -m sempa_exp.gen_eval [gen.target=DIR] [gen=quick] ...``).
 
-Evaluates the generation capability of one model state with lm-evaluation-harness (sempa_exp.evaluation.generation) and the
-perplexity proxy (sempa_exp.evaluation.perplexity):
+Evaluates the generation capability of one model state with lm-evaluation-harness (sempa_exp.evaluation.generation)
+and the perplexity proxy (sempa_exp.evaluation.perplexity):
 
 - ``gen.target`` unset: the untrained backbone (``backbone=...``); results go to ``<runs_dir>/base/<backbone>/``.
 - ``gen.target=<run dir>``: the run's final ``adapter/``, on the backbone, data and template the run was trained with.

@@ -189,7 +189,7 @@ class TrainingRun:
                 self.evaluate_step(final_step, cfg.eval.at_end)
                 results = self.results(final_step, num_pairs, time.time() - started)
                 write_results(run_dir, results)
-                self.run_logger.summary(dict(results.final))
+                self.run_logger.summary({k: v for k, v in results.final.items() if k.startswith("eval/")})
                 if cfg.gen.at_end:
                     self.evaluate_generation(final_step)
             exit_code = 0

@@ -105,6 +105,7 @@ def check_same_experiment(path: Path, resolved: dict[str, Any], kind: RunKind) -
         return
     differing = [k for k in SECTIONS[kind] if saved.get(k) != resolved.get(k)]
     if differing:
+        article = "an" if kind.value[0] in "aeiou" else "a"
         raise ConfigError(
-            f"{path} holds a {kind.value} run with a different {', '.join(differing)} config; it is left untouched. "
-            f"Pick another run.name or run.group, or move that directory away.")
+            f"{path} holds {article} {kind.value} run with a different {', '.join(differing)} config; it is left "
+            f"untouched. Pick another run.name or run.group, or move that directory away.")

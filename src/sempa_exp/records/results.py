@@ -108,6 +108,10 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
         moved = ("method_kind", "method_info", "method_settings", "suites", "artifacts", "geometry_sample",
                  "gar_sample", "gar_top_k", "gar_match")
         data.setdefault("details", {}).update({k: data.pop(k) for k in moved if k in data})
+        if data.get("method") == "checkpoint":  # an evaluated adapter is the method it was trained with
+            trained_with = (data["details"].get("method_info") or {}).get("trained_with")
+            if trained_with:
+                data["method"] = {"dpo": "sempa"}.get(trained_with, trained_with)
     data["version"] = RESULTS_VERSION
     return data
 

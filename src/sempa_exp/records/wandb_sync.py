@@ -1,10 +1,9 @@
 """Replays a run directory's local metrics into Weights & Biases (``python -m sempa_exp.sync_wandb RUN_DIR``).
 
-``metrics.jsonl`` is the source of truth (sempa_exp.records.metrics). When W&B was unreachable, or failed mid-run, this logs
-every record again into the W&B run with the run directory's deterministic id (``identity.wandb_run_id``): the same run a
-training process would have written, resumed when it exists. W&B keeps the steps it already holds and ignores replayed
-records below its last step, so syncing twice duplicates nothing.
-"""
+``metrics.jsonl`` is the source of truth (sempa_exp.records.metrics). When W&B was unreachable, or failed mid-run,
+this logs every record again into the W&B run with the run directory's deterministic id (``identity.wandb_run_id``):
+the same run a training process would have written, resumed when it exists. W&B keeps the steps it already holds and
+ignores replayed records below its last step, so syncing twice duplicates nothing."""
 
 from __future__ import annotations
 
