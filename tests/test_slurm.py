@@ -71,8 +71,10 @@ def run_sweep(runs_dir: Path, data_root: Path, *overrides: str, timeout: int = 3
                           text=True, timeout=timeout)
 
 
-def start_sweep(runs_dir: Path, data_root: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(sweep_cmd(*overrides), cwd=REPO, env=_env(runs_dir, data_root), stdout=subprocess.PIPE,
+def start_sweep(runs_dir: Path, data_root: Path, *overrides: str, log: Path | None = None) -> subprocess.Popen:
+    """The sweep client; its output in a pipe, or in ``log`` (to be read while it runs)."""
+    out = subprocess.PIPE if log is None else log.open("w")
+    return subprocess.Popen(sweep_cmd(*overrides), cwd=REPO, env=_env(runs_dir, data_root), stdout=out,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -199,13 +201,18 @@ def test_cancelled_run_is_reported_by_name_and_the_others_finish(tmp_path, slurm
         assert "epochs=30" in victim, ids
         # A second launch while the jobs are queued or running (the first client lost, say) submits nothing again:
         # it waits for the jobs of the first one.
-        second = start_sweep(runs_dir, slurm_data, *sweep)
+        second_log = tmp_path / "second_client.log"
+        second = start_sweep(runs_dir, slurm_data, *sweep, log=second_log)
+        # the victim is cancelled only once the second client has found it (else it would rightly submit it again)
+        wait_for(lambda: f"{victim}: still queued or running" in second_log.read_text(), 180,
+                 "the second launch to find the victim's job")
         # cancelled in the middle of training (it ignores SIGTERM and is killed KillWait=5 s later)
         wait_for(lambda: (runs_dir / "cancel" / victim / "checkpoints" / "checkpoint-5").exists(), 180,
                  f"job {ids[victim]} to train")
         subprocess.run(["scancel", ids[victim]], check=True, timeout=30)
         out, _ = client.communicate(timeout=300)
-        out_second, _ = second.communicate(timeout=120)
+        second.wait(timeout=120)
+        out_second = second_log.read_text()
     finally:
         for proc in (client, second):
             if proc is not None and proc.poll() is None:

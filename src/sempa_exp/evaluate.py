@@ -6,6 +6,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from sempa_exp.config.errors import reporting_user_errors
 from sempa_exp.config.location import CONF_DIR
 from sempa_exp.config.registry import register_all
 from sempa_exp.pipelines import evaluation
@@ -14,7 +15,8 @@ from sempa_exp.records.results import sweep_objective
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
-    return sweep_objective(evaluation.run(cfg))
+    with reporting_user_errors():
+        return sweep_objective(evaluation.run(cfg))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from sempa_exp.config.errors import reporting_user_errors
 from sempa_exp.config.location import CONF_DIR
 from sempa_exp.config.registry import register_all
 from sempa_exp.pipelines import generation
@@ -16,7 +17,8 @@ from sempa_exp.pipelines import generation
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> int:
-    record = generation.run(cfg)
+    with reporting_user_errors():
+        record = generation.run(cfg)
     failed = [name for name, r in record["tasks"].items() if r.get("status") == "failed"]
     return 1 if failed else 0
 

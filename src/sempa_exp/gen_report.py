@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 
+from sempa_exp.config.schema import ConfigError
 from sempa_exp.evaluation.generation_table import generation_table, load_record
 
 
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         path, _, label = spec.partition("@")
         try:
             record, _ = load_record(path, label or None)
-        except (FileNotFoundError, KeyError) as exc:
+        except (FileNotFoundError, KeyError, ConfigError) as exc:
             print(f"[gen_report] {name}: {exc}", file=sys.stderr)
             record = None
         entries.append((name, record))

@@ -9,6 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from sempa_exp.config.errors import reporting_user_errors
 from sempa_exp.config.location import CONF_DIR
 from sempa_exp.config.registry import register_all
 from sempa_exp.pipelines.selection import select
@@ -17,7 +18,8 @@ from sempa_exp.pipelines.selection import select
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="select")
 def main(cfg: DictConfig) -> float:
     command = " ".join(["python -m sempa_exp.select", *sys.argv[1:]])
-    return select(cfg, command)["best"]["stsb_dev"]
+    with reporting_user_errors():
+        return select(cfg, command)["best"]["stsb_dev"]
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from sempa_exp.config.errors import reporting_user_errors
 from sempa_exp.records.wandb_sync import sync
 
 
@@ -19,9 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entity", help="W&B entity (default: the run's logger.entity)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for run_dir in args.run_dirs:
-        run_id = sync(run_dir, mode=args.mode, project=args.project, entity=args.entity)
-        print(f"{run_dir}: W&B run {run_id}")
+    with reporting_user_errors():
+        for run_dir in args.run_dirs:
+            run_id = sync(run_dir, mode=args.mode, project=args.project, entity=args.entity)
+            print(f"{run_dir}: W&B run {run_id}")
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from sempa_exp.config.errors import reporting_user_errors
 from sempa_exp.config.location import CONF_DIR
 from sempa_exp.config.registry import register_all
 from sempa_exp.launch.distributed import export_from_submitit
@@ -16,7 +17,8 @@ from sempa_exp.records.results import sweep_objective
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     export_from_submitit()  # one process per GPU under SLURM: before anything reads RANK/WORLD_SIZE
-    return sweep_objective(training.run(cfg))
+    with reporting_user_errors():
+        return sweep_objective(training.run(cfg))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,26 @@ class GenTask(Choice):
     truthfulqa_mc1 = "truthfulqa_mc1"
 
 
+class DpoLossType(Choice):
+    """TRL 1.16's DPO loss types (DPOConfig.loss_type)."""
+
+    sigmoid = "sigmoid"
+    hinge = "hinge"
+    ipo = "ipo"
+    exo_pair = "exo_pair"
+    nca_pair = "nca_pair"
+    robust = "robust"
+    bco_pair = "bco_pair"
+    sppo_hard = "sppo_hard"
+    aot = "aot"
+    aot_unpaired = "aot_unpaired"
+    apo_zero = "apo_zero"
+    apo_down = "apo_down"
+    discopop = "discopop"
+    sft = "sft"
+    sigmoid_norm = "sigmoid_norm"
+
+
 class LoggerBackend(Choice):
     wandb = "wandb"
     none = "none"
@@ -207,7 +227,7 @@ class SempaObjectiveConfig:
     _target_: str = "sempa_exp.objectives.sempa.SempaObjective"
     name: str = "sempa"
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: DpoLossType = DpoLossType.sigmoid
     # The paper's run sets lora_dropout 0.05, but its trainer (ms-swift 3.10.1 on TRL 0.24, disable_dropout=True)
     # zeroes every dropout module, LoRA's included: the official computation has no dropout. False keeps lora.dropout.
     disable_dropout: bool = True
@@ -390,6 +410,31 @@ def total_train_steps(trainer: TrainerConfig, num_examples: int, world_size: int
     return math.ceil(batches_per_epoch / trainer.grad_accum_steps) * trainer.epochs
 
 
+def refuse_unknown_keys(node: Any, prefix: str = "") -> None:
+    """Keys the schema does not have, added with ``+`` on the command line (``+trainer.lerning_rate=0.5``), are
+    refused by name, with the closest known key: OmegaConf would keep them, and ``to_object`` drop them silently."""
+    import dataclasses
+    import difflib
+
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            refuse_unknown_keys(item, f"{prefix}[{i}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node:
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if known is not None and key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+            raise ConfigError(f"{full} is not a config key{hint}")
+        refuse_unknown_keys(node._get_node(key), full)
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no model and no data rows. Raises ConfigError naming the key."""
     if cfg.backbone.source == "hub" and not cfg.backbone.hub_id:
@@ -414,6 +459,21 @@ def validate(cfg: Config) -> None:
         _positive(f"trainer.{key}", getattr(t, key))
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"trainer.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(t, key) < 1.0:
+            raise ConfigError(f"trainer.{key} must be in [0, 1), got {getattr(t, key)}")
+    if t.weight_decay < 0:
+        raise ConfigError(f"trainer.weight_decay must be >= 0, got {t.weight_decay}")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"trainer.max_steps must be -1 (the epochs decide) or > 0, got {t.max_steps}")
+    if t.save_total_limit is not None:
+        _positive("trainer.save_total_limit", t.save_total_limit)
+    from transformers.trainer_utils import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if t.lr_scheduler not in schedulers:
+        raise ConfigError(f"trainer.lr_scheduler={t.lr_scheduler!r} is not valid; choose one of: "
+                          f"{', '.join(schedulers)}")
     if isinstance(cfg.objective, SempaObjectiveConfig):
         _positive("objective.beta", cfg.objective.beta)
     elif isinstance(cfg.objective, ContrastiveObjectiveConfig):

@@ -38,7 +38,7 @@ class StsSplit:
         return self.sentences1 + self.sentences2
 
 
-class StsFormatError(ValueError):
+class StsFormatError(ConfigError):
     pass
 
 

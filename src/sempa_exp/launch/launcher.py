@@ -120,8 +120,8 @@ class SweepLauncherMixin:
                 log.info("#%d %s: %s, not submitted", p.index, p.label, p.skip_reason)
                 returns[p.index] = self._skipped_return(p)
             elif p.earlier_job is not None:
-                log.info("#%d %s: still queued or running as %s job %s of an earlier launch; waiting for it",
-                         p.index, p.label, self._EXECUTOR, p.earlier_job.job_id)
+                print(f"[sempa-exp] #{p.index} {p.label}: still queued or running as {self._EXECUTOR} job "
+                      f"{p.earlier_job.job_id} of an earlier launch; waiting for it", flush=True)
         todo = [p for p in plans if not p.skip_reason and p.earlier_job is None]
         waiting = [(p, p.earlier_job) for p in plans if p.earlier_job is not None]
         if todo:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from peft import LoraConfig as PeftLoraConfig
-from transformers import TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 
-from sempa_exp.config.schema import Config, checkpoint_every_steps
+from sempa_exp.config.schema import Config, ConfigError, checkpoint_every_steps
 from sempa_exp.records.metrics import RunLogger
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,23 @@ DDP_TIMEOUT_S = 3 * 3600
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def check_target_modules(model: PreTrainedModel, cfg: Config) -> None:
+    """``lora.target_modules`` against the loaded model, before PEFT fails on it: ``all-linear`` or a regular
+    expression that PEFT matches against full module names."""
+    target = cfg.lora.target_modules
+    if target == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    try:
+        pattern = re.compile(target)
+    except re.error as exc:
+        raise ConfigError(f"lora.target_modules={target!r} is not a regular expression ({exc})") from None
+    if not any(pattern.fullmatch(name) for name in names):
+        linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:3]
+        raise ConfigError(f"lora.target_modules={target!r} matches no module of backbone {cfg.backbone.name}: it is "
+                          f"'all-linear' or a regular expression over full module names, e.g. {', '.join(linear)}")
 
 
 def peft_config(cfg: Config) -> PeftLoraConfig:

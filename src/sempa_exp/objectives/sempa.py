@@ -27,7 +27,7 @@ class SempaObjective(Objective):
         return DPOConfig(
             **recipe_kwargs(cfg, output_dir, world_size, use_cpu),
             beta=o.beta,
-            loss_type=[o.loss_type],
+            loss_type=[str(o.loss_type)],
             max_length=cfg.trainer.max_length,
             disable_dropout=o.disable_dropout,
             precompute_ref_log_probs=o.precompute_ref_logps,

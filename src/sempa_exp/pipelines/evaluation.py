@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sempa_exp.config.schema import Config, ConfigError, data_dir, method_settings, validate
+from sempa_exp.config.schema import Config, ConfigError, data_dir, method_settings, refuse_unknown_keys, validate
 from sempa_exp.data import nli
 from sempa_exp.embedding import loading
 from sempa_exp.embedding.base import LoadedMethod, lm_head_of
@@ -54,10 +54,12 @@ class PreparedEvaluation:
 
 def prepare(cfg: DictConfig) -> PreparedEvaluation:
     """Every check that needs neither a model nor a run directory; raises ConfigError naming the offending key."""
+    refuse_unknown_keys(cfg)
     config: Config = OmegaConf.to_object(cfg)
     if config.method is None:
         raise ConfigError("no method: this entry point composes conf/evaluate.yaml (method=<one of conf/method/>)")
     validate(config)
+    run_dir = identity.run_dir(cfg)
     suites = list(dict.fromkeys(config.eval.at_end))
     unsupported = [s for s in suites if s not in EVALUATE_SUITES]
     if unsupported:
@@ -73,7 +75,7 @@ def prepare(cfg: DictConfig) -> PreparedEvaluation:
         pca_file = nli.resolve_source(config.data, root)
         pca_triplets, _ = nli.read_triplets(pca_file, config.data.max_sentence_chars, config.data.deduplicate)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return PreparedEvaluation(config, resolved, suites, eval_data, pca_triplets, pca_file, identity.run_dir(cfg))
+    return PreparedEvaluation(config, resolved, suites, eval_data, pca_triplets, pca_file, run_dir)
 
 
 class Evaluation:

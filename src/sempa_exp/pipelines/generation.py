@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sempa_exp.config.schema import Config, ConfigError, data_dir, validate
+from sempa_exp.config.schema import Config, ConfigError, data_dir, refuse_unknown_keys, validate
 from sempa_exp.data import nli
 from sempa_exp.embedding.checkpoint import trained_objective
 from sempa_exp.evaluation.generation import evaluate_generation, flat_metrics
@@ -123,6 +123,7 @@ def new_record(target: Target, config: Config, resolved: dict) -> Results:
 
 
 def run(cfg: DictConfig) -> dict:
+    refuse_unknown_keys(cfg)
     composed: Config = OmegaConf.to_object(cfg)
     target = resolve_target(composed.gen.target, composed.paths.runs_dir, composed.backbone.name)
     cfg = effective_config(cfg, target)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from sempa_exp.config.schema import Config, ConfigError, data_dir, validate
+from sempa_exp.config.schema import Config, ConfigError, data_dir, refuse_unknown_keys, validate
 from sempa_exp.data import sts
 from sempa_exp.embedding import loading as methods
 from sempa_exp.embedding.encoder import SentenceEncoder
@@ -46,6 +46,7 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
 
 def select(cfg: DictConfig, command: str = "") -> dict:
     """Runs the search; returns (and writes) its record. ``command``: the command line, for the record."""
+    refuse_unknown_keys(cfg)
     config: Config = OmegaConf.to_object(cfg)
     m = config.method
     if m is None or config.select is None:

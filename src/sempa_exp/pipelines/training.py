@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sempa_exp.config.schema import Config, ConfigError, data_dir, validate, validate_against_data
+from sempa_exp.config.schema import Config, ConfigError, data_dir, refuse_unknown_keys, validate, validate_against_data
 from sempa_exp.data import nli
 from sempa_exp.embedding.encoder import SentenceEncoder
 from sempa_exp.evaluation.perplexity import build_proxy_set
@@ -61,8 +61,10 @@ class Prepared:
 
 def prepare(cfg: DictConfig) -> Prepared:
     """Every check that needs neither a model nor a run directory; raises ConfigError with the offending key."""
+    refuse_unknown_keys(cfg)
     config: Config = OmegaConf.to_object(cfg)
     validate(config)
+    run_dir = identity.run_dir(cfg)
     world_size, rank = world()
     root = data_dir(config)
     if not root.is_dir():
@@ -79,8 +81,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         eval_data.proxy = build_proxy_set(triplets, config.eval.ppl_sample, config.data.subset_seed,
                                           config.template.text, config.data.system_prompt, train_size=size)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return Prepared(config, resolved, chosen, cleaning, data_file, eval_data, identity.run_dir(cfg), world_size,
-                    rank)
+    return Prepared(config, resolved, chosen, cleaning, data_file, eval_data, run_dir, world_size, rank)
 
 
 class TrainingRun:
@@ -166,7 +167,9 @@ class TrainingRun:
                 torch.set_num_threads(cfg.run.num_threads)
             model, self.tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir)
             model.to(self.device)
-            from sempa_exp.objectives.recipe import CheckpointEvalCallback, MetricsCallback
+            from sempa_exp.objectives.recipe import CheckpointEvalCallback, MetricsCallback, check_target_modules
+
+            check_target_modules(model, cfg)
 
             dataset = self.objective.dataset(cfg, prep.triplets)
             callbacks = [MetricsCallback(self.run_logger, self.samples_at),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from omegaconf import DictConfig
 
 from sempa_exp.config.schema import ConfigError
 from sempa_exp.records.results import RunKind
+
+log = logging.getLogger(__name__)
 
 # Overrides that do not change what a run computes: left out of run names.
 NOT_IN_NAME = (
@@ -77,9 +80,17 @@ def run_name(cfg: DictConfig) -> str:
     return name_from_overrides(cfg.run.name or _override_dirname(cfg))
 
 
+def _one_folder(key: str, value: str) -> str:
+    """A group or run name is one folder inside the runs root: never the root itself, its parent or another path."""
+    if not value or value in (".", "..") or "/" in value or "\\" in value:
+        raise ConfigError(f"{key}={value!r} must name one folder inside paths.runs_dir (no '/', '.' or '..')")
+    return value
+
+
 def run_dir(cfg: DictConfig) -> Path:
     """``<paths.runs_dir>/<run.group>/<name>``."""
-    return Path(cfg.paths.runs_dir).expanduser() / cfg.run.group / run_name(cfg)
+    group = _one_folder("run.group", str(cfg.run.group))
+    return Path(cfg.paths.runs_dir).expanduser() / group / _one_folder("run.name", run_name(cfg))
 
 
 def wandb_run_id(path: Path) -> str:
@@ -98,12 +109,24 @@ def saved_config(path: Path) -> dict[str, Any] | None:
         raise ConfigError(f"{file} is damaged ({exc}); move the run directory away or restore the file") from None
 
 
+def holds_results(path: Path) -> bool:
+    """Whether a run directory holds anything an earlier attempt computed: a results.json, a checkpoint, a metric."""
+    path = Path(path)
+    metrics = path / "metrics.jsonl"
+    return ((path / "results.json").exists() or any((path / "checkpoints").glob("checkpoint-*"))
+            or (metrics.exists() and metrics.stat().st_size > 0) or (path / "adapter").exists())
+
+
 def check_same_experiment(path: Path, resolved: dict[str, Any], kind: RunKind) -> None:
     """Refuses a run directory that holds another experiment (differing SECTIONS), naming what differs."""
     saved = saved_config(path)
     if saved is None:
         return
     differing = [k for k in SECTIONS[kind] if saved.get(k) != resolved.get(k)]
+    if differing and not holds_results(path):
+        log.warning("%s holds only the config of an attempt that produced nothing (a different %s); starting over",
+                    path, ", ".join(differing))
+        return
     if differing:
         article = "an" if kind.value[0] in "aeiou" else "a"
         raise ConfigError(

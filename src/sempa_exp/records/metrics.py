@@ -41,18 +41,23 @@ def wandb_mode(cfg: LoggerConfig) -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of metrics.jsonl; a line that is not a JSON object (cut by a kill, or damaged) is skipped with a
+    warning naming the file and line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
     rows = []
-    with path.open() as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a kill
-                    log.warning("skipping a truncated line in %s", path)
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int):
+            rows.append(row)
+        else:
+            log.warning("%s line %d is not a metrics record; skipped", path, number)
     return rows
 
 

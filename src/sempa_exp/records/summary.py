@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
@@ -10,6 +12,16 @@ from sempa_exp.records.results import Results
 
 ROWS = [*SHORT_NAMES.values(), "sts_avg", "stsb_dev", "uniformity", "isotropy"]
 FOUR_DECIMALS = ("uniformity", "isotropy", "gar")
+
+
+def _number(value: Any) -> float | None:
+    """A recorded score as a float: NaN and inf come back from JSON files as strings ("nan"); None when absent."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def training_table(results: Results) -> Table:
@@ -21,7 +33,7 @@ def training_table(results: Results) -> Table:
     table.add_column(f"step {results.final_step} (trained)", justify="right")
     table.add_column("delta", justify="right")
     for name in ROWS:
-        a, b = start.get(f"eval/{name}"), final.get(f"eval/{name}")
+        a, b = _number(start.get(f"eval/{name}")), _number(final.get(f"eval/{name}"))
         if a is None and b is None:
             continue
         fmt = "{:.4f}" if name in FOUR_DECIMALS else "{:.2f}"
@@ -35,7 +47,7 @@ def evaluation_table(results: Results) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name in [*ROWS, "gar"]:
-        value = results.final.get(f"eval/{name}")
+        value = _number(results.final.get(f"eval/{name}"))
         if value is not None:
             table.add_row(name, f"{value:.4f}" if name in FOUR_DECIMALS else f"{value:.2f}")
     return table
