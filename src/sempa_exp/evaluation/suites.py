@@ -44,6 +44,20 @@ class EvalData:
     gar_match: str = "text"
 
 
+def eval_data_digest(data: EvalData) -> str:
+    """A hash of the evaluation data's content (sentences and gold scores of every split read, the geometry and GAR
+    samples), independent of where the files lie: part of a run's identity."""
+    import hashlib
+    import json
+
+    splits = [s for task in sorted(data.tasks) for s in data.tasks[task]]
+    if data.stsb_dev is not None:
+        splits.append(data.stsb_dev)
+    content = [[s.task, s.name, s.sentences1, s.sentences2, [float(x) for x in s.scores]] for s in splits]
+    content += [data.geometry_sentences, data.gar_sentences]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
+
+
 def load_eval_data(data_dir: Path, suites: Iterable[str], geometry_sample: int = 2000, gar_sample: int = 10000,
                    gar_top_k: int = 10, gar_match: str = "text") -> EvalData:
     """Reads what the suites need; a missing or malformed file fails here, before any model is loaded."""

@@ -157,7 +157,11 @@ class PreparedDataCache:
         hashes_file = self.tokenized_dir / "row_hashes.npy"
         if not hashes_file.exists():
             return None
-        return np.load(hashes_file), load_from_disk(str(self.tokenized_dir / "pairs"))
+        try:
+            return np.load(hashes_file), load_from_disk(str(self.tokenized_dir / "pairs"))
+        except Exception as exc:  # a cache is recomputable: whatever is wrong with it, it is rebuilt
+            log.warning("prepared-data cache %s is damaged (%s); tokenizing again", self.tokenized_dir, exc)
+            return None
 
     def tokenized(self, dataset: Dataset, tokenize: Callable[[Dataset], Dataset]) -> tuple[Dataset, np.ndarray]:
         """TRL-prepared pairs of ``dataset`` (its rows in order), from the cache where it has them.
@@ -192,8 +196,18 @@ class PreparedDataCache:
     def read_ref(self) -> dict[str, np.ndarray] | None:
         if not self.ref_file.exists():
             return None
-        with np.load(self.ref_file) as f:
-            return {k: f[k] for k in f.files}
+        try:
+            with np.load(self.ref_file) as f:
+                stored = {k: f[k] for k in f.files}
+        except Exception as exc:  # a cache is recomputable: whatever is wrong with it, it is recomputed
+            log.warning("reference log-prob cache %s is damaged (%s); computing them again", self.ref_file, exc)
+            return None
+        if not {"row_hash", "chosen", "rejected"} <= set(stored) or not (
+                len(stored["row_hash"]) == len(stored["chosen"]) == len(stored["rejected"])):
+            log.warning("reference log-prob cache %s is damaged (missing or unequal arrays); computing them again",
+                        self.ref_file)
+            return None
+        return stored
 
     def write_ref(self, pair_hashes: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

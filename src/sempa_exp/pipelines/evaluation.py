@@ -25,7 +25,14 @@ from sempa_exp.embedding.base import LoadedMethod, lm_head_of
 from sempa_exp.embedding.encoder import SentenceEncoder
 from sempa_exp.evaluation.alignment import GAR_SAMPLE_DOC, aligned_token_examples
 from sempa_exp.evaluation.pca import nli_pca
-from sempa_exp.evaluation.suites import GEOMETRY_SAMPLE_DOC, EmbeddingCache, EvalData, evaluate, load_eval_data
+from sempa_exp.evaluation.suites import (
+    GEOMETRY_SAMPLE_DOC,
+    EmbeddingCache,
+    EvalData,
+    eval_data_digest,
+    evaluate,
+    load_eval_data,
+)
 from sempa_exp.launch.distributed import device_for
 from sempa_exp.models.backbones import backbone_fingerprint
 from sempa_exp.records import identity, rundir
@@ -50,6 +57,7 @@ class PreparedEvaluation:
     pca_triplets: list[nli.Triplet]
     pca_data_file: Path | None
     run_dir: Path
+    data_identity: dict[str, str]  # content digests of the evaluation data (records.identity)
 
 
 def prepare(cfg: DictConfig) -> PreparedEvaluation:
@@ -75,7 +83,11 @@ def prepare(cfg: DictConfig) -> PreparedEvaluation:
         pca_file = nli.resolve_source(config.data, root)
         pca_triplets, _ = nli.read_triplets(pca_file, config.data.max_sentence_chars, config.data.deduplicate)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return PreparedEvaluation(config, resolved, suites, eval_data, pca_triplets, pca_file, run_dir)
+    data_identity = {"eval_data": eval_data_digest(eval_data)}
+    if pca_triplets:
+        data_identity["pca_data"] = identity.content_digest(
+            [[t.premise, t.entailment, t.contradiction] for t in pca_triplets])
+    return PreparedEvaluation(config, resolved, suites, eval_data, pca_triplets, pca_file, run_dir, data_identity)
 
 
 class Evaluation:
@@ -96,6 +108,7 @@ class Evaluation:
     def execute(self) -> Results:
         cfg, prep, run_dir = self.cfg, self.prep, self.prep.run_dir
         rundir.start_run_dir(run_dir, prep.resolved)
+        identity.write_data_identity(run_dir, prep.data_identity)
         superseded = rewind_metrics(run_dir, -1)  # records of an interrupted attempt
         if superseded:
             log.info("an earlier attempt's %d metric records moved to metrics.superseded.jsonl", superseded)
@@ -182,9 +195,11 @@ def run(cfg: DictConfig) -> Results:
     prep = prepare(cfg)
     # before the skip: a finished evaluation of another config is no answer
     identity.check_same_experiment(prep.run_dir, prep.resolved, RunKind.EVALUATION)
+    identity.check_same_data(prep.run_dir, prep.data_identity)
     if prep.config.run.skip_finished and is_finished(prep.run_dir):
         print(f"[sempa-exp] already finished, skipped: {prep.run_dir}")
         return read_results(prep.run_dir)
-    results = Evaluation(prep).execute()
+    with rundir.exclusive(prep.run_dir):
+        results = Evaluation(prep).execute()
     print_evaluation_summary(results)
     return results

@@ -9,6 +9,7 @@ latest checkpoint; a directory holding another experiment is refused.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +22,14 @@ from sempa_exp.config.schema import Config, ConfigError, data_dir, refuse_unknow
 from sempa_exp.data import nli
 from sempa_exp.embedding.encoder import SentenceEncoder
 from sempa_exp.evaluation.perplexity import build_proxy_set
-from sempa_exp.evaluation.suites import GEOMETRY_SAMPLE_DOC, EmbeddingCache, EvalData, evaluate, load_eval_data
+from sempa_exp.evaluation.suites import (
+    GEOMETRY_SAMPLE_DOC,
+    EmbeddingCache,
+    EvalData,
+    eval_data_digest,
+    evaluate,
+    load_eval_data,
+)
 from sempa_exp.launch.distributed import device_for, world
 from sempa_exp.models.backbones import backbone_fingerprint, load_backbone
 from sempa_exp.objectives.base import Objective, build_objective
@@ -57,6 +65,7 @@ class Prepared:
     run_dir: Path
     world_size: int
     rank: int
+    data_identity: dict[str, str]  # content digests of the training and evaluation data (records.identity)
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -81,7 +90,9 @@ def prepare(cfg: DictConfig) -> Prepared:
         eval_data.proxy = build_proxy_set(triplets, config.eval.ppl_sample, config.data.subset_seed,
                                           config.template.text, config.data.system_prompt, train_size=size)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return Prepared(config, resolved, chosen, cleaning, data_file, eval_data, run_dir, world_size, rank)
+    trained_on = [[t.premise, t.entailment, t.contradiction] for t in chosen]
+    data_identity = {"train_data": identity.content_digest(trained_on), "eval_data": eval_data_digest(eval_data)}
+    return Prepared(config, resolved, chosen, cleaning, data_file, eval_data, run_dir, world_size, rank, data_identity)
 
 
 class TrainingRun:
@@ -140,9 +151,10 @@ class TrainingRun:
 
     def resume_point(self) -> Path | None:
         checkpoints = self.prep.run_dir / "checkpoints"
-        resume_from = rundir.latest_checkpoint(checkpoints) if self.cfg.run.resume else None
+        resume_from = rundir.latest_checkpoint(checkpoints, set_aside=self.is_main) if self.cfg.run.resume else None
         if self.is_main:
             rundir.start_run_dir(self.prep.run_dir, self.prep.resolved)
+            identity.write_data_identity(self.prep.run_dir, self.prep.data_identity)
             # a fresh start supersedes every record of an earlier attempt; a resume, those after its checkpoint
             step = int(resume_from.name.split("-")[-1]) if resume_from is not None else -1
             dropped = rewind_metrics(self.prep.run_dir, step)
@@ -255,11 +267,13 @@ def run(cfg: DictConfig) -> Results | None:
     prep = prepare(cfg)
     # before the skip: a finished run of another config is no answer
     identity.check_same_experiment(prep.run_dir, prep.resolved, RunKind.TRAINING)
+    identity.check_same_data(prep.run_dir, prep.data_identity)
     if prep.config.run.skip_finished and is_finished(prep.run_dir):
         log.info("already finished, skipped: %s", prep.run_dir)
         print(f"[sempa-exp] already finished, skipped: {prep.run_dir}")
         return read_results(prep.run_dir)
-    results = TrainingRun(prep).execute()
+    with rundir.exclusive(prep.run_dir) if prep.rank == 0 else contextlib.nullcontext():
+        results = TrainingRun(prep).execute()
     if results is not None:
         print_training_summary(results)
     return results

@@ -45,6 +45,7 @@ SECTIONS: dict[RunKind, tuple[str, ...]] = {
 # The sections of a training run's config that rebuild its model state and held-out data (gen_eval of a run).
 MODEL_STATE_SECTIONS = ("backbone", "data", "template")
 CONFIG_JSON = "config.json"
+IDENTITY_JSON = "identity.json"  # digests of the data a run read
 MAX_NAME_CHARS = 200  # file names are limited to 255 bytes; leaves room for suffixes such as ".json"
 
 
@@ -107,6 +108,33 @@ def saved_config(path: Path) -> dict[str, Any] | None:
         return json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{file} is damaged ({exc}); move the run directory away or restore the file") from None
+
+
+def content_digest(items: Any) -> str:
+    """sha256 of a JSON-able value (e.g. the training triplets as lists of strings)."""
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_same_data(path: Path, fingerprint: dict[str, str]) -> None:
+    """Refuses a run directory whose run was computed on other data (``identity.json``: a digest of each kind of data
+    it reads, by content, not path); a directory without the file (new, or from before it existed) gets it."""
+    file = Path(path) / IDENTITY_JSON
+    if file.exists():
+        try:
+            saved = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{file} is damaged ({exc}); move the run directory away or delete the file") from None
+        differing = [k for k in sorted(set(saved) | set(fingerprint)) if k in saved and saved[k] != fingerprint.get(k)]
+        if differing and holds_results(path):
+            raise ConfigError(
+                f"{path} holds a run computed on other data ({', '.join(differing)} differ by content); it is left "
+                f"untouched. Point paths.data_dir back to the data it used, or pick another run.name or run.group.")
+
+
+def write_data_identity(path: Path, fingerprint: dict[str, str]) -> None:
+    from sempa_exp.records.rundir import write_json_atomic
+
+    write_json_atomic(Path(path) / IDENTITY_JSON, fingerprint)
 
 
 def holds_results(path: Path) -> bool:

@@ -4,15 +4,52 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 CONFIG_FILE = "config.yaml"
+log = logging.getLogger(__name__)
+
 KEY_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "hydra-core", "wandb", "numpy",
                  "scipy")
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def exclusive(run_dir: Path) -> Iterator[None]:
+    """One writer per run directory: a second process that reaches it while the first still runs is refused, naming
+    the first. The lock is the kernel's (flock): it goes away with the process that holds it, even after a kill."""
+    import fcntl
+
+    from sempa_exp.config.schema import ConfigError
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ConfigError(f"{run_dir} is being written by {holder}; wait for it to end (or stop it) and launch "
+                              f"again") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def start_run_dir(run_dir: Path, resolved: dict) -> None:
@@ -25,21 +62,56 @@ def start_run_dir(run_dir: Path, resolved: dict) -> None:
     (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
-def _complete(checkpoint: Path) -> bool:
-    """HF writes trainer_state.json last, and not atomically: a kill during that write leaves it truncated."""
+# What a resume reads from a checkpoint besides trainer_state.json (HF Trainer's file names).
+TORCH_STATE_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a file missing, cut or unreadable); None when every file it needs
+    loads. HF writes trainer_state.json last, and not atomically: a kill during that write leaves it truncated."""
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return True
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"trainer_state.json: {exc}"
+    if (checkpoint / ADAPTER_FILE).exists() or (checkpoint / "adapter_config.json").exists():
+        try:
+            from safetensors.torch import load_file
+
+            load_file(str(checkpoint / ADAPTER_FILE))
+        except Exception as exc:  # truncated, garbage or missing: the checkpoint is not usable, whatever the cause
+            return f"{ADAPTER_FILE}: {exc}"
+    for name in TORCH_STATE_FILES:
+        if (checkpoint / name).exists():
+            try:
+                import torch
+
+                torch.load(checkpoint / name, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                return f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return None
 
 
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest complete HF Trainer checkpoint (one whose trainer_state.json, written last, is whole)."""
+def latest_checkpoint(checkpoints_dir: Path, set_aside: bool = True) -> Path | None:
+    """The newest HF Trainer checkpoint that can be resumed from. A newer one that cannot (a file cut or damaged) is
+    named in a warning and, with ``set_aside``, renamed to ``damaged-checkpoint-N`` (kept, never deleted; HF Trainer
+    does not see it)."""
     if not checkpoints_dir.exists():
         return None
-    done = [p for p in checkpoints_dir.glob("checkpoint-*") if _complete(p)]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    found = sorted(checkpoints_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for checkpoint in found:
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        log.warning("checkpoint %s cannot be resumed from (%s)%s", checkpoint, problem,
+                    "; set aside as damaged-" + checkpoint.name if set_aside else "")
+        if set_aside:
+            target = checkpoint.with_name(f"damaged-{checkpoint.name}")
+            suffix = 1
+            while target.exists():
+                target, suffix = checkpoint.with_name(f"damaged-{checkpoint.name}.{suffix}"), suffix + 1
+            os.replace(checkpoint, target)
+    return None
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
