@@ -29,8 +29,9 @@ from hydra.core.plugins import Plugins
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQueueConf, SlurmQueueConf
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from sempa_exp.config.errors import reporting_user_errors
 from sempa_exp.records import identity, rundir
 from sempa_exp.records.results import is_finished, read_results, sweep_objective
 
@@ -76,6 +77,21 @@ def register_launcher_configs() -> None:
     cs.store(group="hydra/launcher", name="submitit_local", node=LocalLauncherConf, provider="sempa_exp")
 
 
+def check_finished_run(cfg: DictConfig, run_dir: Path) -> None:
+    """A finished run is skipped only if it is this experiment: the same config sections and the same data by content
+    (what the entry point checks before its own skip); anything else is refused, naming what differs."""
+    from sempa_exp.pipelines import evaluation, training
+    from sempa_exp.records.results import RunKind, kind_of_config
+
+    job = cfg.copy()
+    with open_dict(job):  # the job's own config, as Hydra hands it to the entry point
+        del job["hydra"]
+    kind = kind_of_config(OmegaConf.to_container(job, resolve=True))
+    prep = (evaluation if kind == RunKind.EVALUATION else training).prepare(job)
+    identity.check_same_experiment(run_dir, prep.resolved, kind)
+    identity.check_same_data(run_dir, prep.data_identity)
+
+
 def job_marker(run_dir: Path) -> Path:
     return run_dir.parent / ".hydra" / "jobs" / f"{run_dir.name}.json"
 
@@ -112,7 +128,8 @@ class SweepLauncherMixin:
     _EXECUTOR: str
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        plans = [self._plan(list(overrides), initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
+        with reporting_user_errors():  # a run that cannot be planned (a bad run.group, a damaged record) is named
+            plans = [self._plan(list(overrides), initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
         self._find_earlier_jobs(plans)
         returns: dict[int, JobReturn] = {}
         for p in plans:
@@ -140,6 +157,8 @@ class SweepLauncherMixin:
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         run_dir = identity.run_dir(cfg)
         skip = "already finished" if cfg.run.skip_finished and is_finished(run_dir) else None
+        if skip:
+            check_finished_run(cfg, run_dir)
         return PlannedRun(index, overrides, cfg, run_dir, skip)
 
     def _find_earlier_jobs(self, plans: list[PlannedRun]) -> None:
