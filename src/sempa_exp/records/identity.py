@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sempa_exp.config.schema import ConfigError
 from sempa_exp.records.results import RunKind
@@ -47,6 +47,17 @@ MODEL_STATE_SECTIONS = ("backbone", "data", "template")
 CONFIG_JSON = "config.json"
 IDENTITY_JSON = "identity.json"  # digests of the data a run read
 MAX_NAME_CHARS = 200  # file names are limited to 255 bytes; leaves room for suffixes such as ".json"
+
+
+def safe_folder(value: str) -> str:
+    """``run.group`` as one folder name, for the paths Hydra writes its own files to before the run's config is
+    checked (``hydra.run.dir``, ``hydra.sweep.dir``): a group such as ``../x`` must not put them outside the runs
+    root; the run itself is then refused by :func:`run_dir`."""
+    return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(value)).strip(".") or "_"
+
+
+# conf/config.yaml's Hydra paths use it; registered on import, as the job processes of a sweep import this module.
+OmegaConf.register_new_resolver("run_folder", safe_folder, replace=True)
 
 
 def register_identity_config() -> None:

@@ -86,7 +86,8 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
             try:
                 import torch
 
-                torch.load(checkpoint / name, map_location="cpu", weights_only=True)
+                # the run's own files; HF's RNG state holds numpy objects that weights_only refuses
+                torch.load(checkpoint / name, map_location="cpu", weights_only=False)
             except Exception as exc:
                 return f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     return None
