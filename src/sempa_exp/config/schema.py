@@ -418,6 +418,8 @@ def refuse_unknown_keys(node: Any, prefix: str = "") -> None:
 
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
+    if isinstance(node, (DictConfig, ListConfig)) and (node._is_none() or node._is_missing()):
+        return
     if isinstance(node, ListConfig):
         for i, item in enumerate(node):
             refuse_unknown_keys(item, f"{prefix}[{i}]")
