@@ -512,6 +512,9 @@ def validate_method(cfg: Config) -> None:
         method_class = get_class(m._target_)
     except Exception as exc:
         raise ConfigError(f"method={m.name}: method._target_={m._target_!r} cannot be imported ({exc})") from None
+    # the EmbeddingMethod interface, checked by shape: importing sempa_exp.embedding here would be an import cycle
+    if not all(hasattr(method_class, a) for a in ("from_config", "load", "check_config", "required_settings")):
+        raise ConfigError(f"method={m.name}: method._target_={m._target_!r} is not an EmbeddingMethod class")
     if m.embed is not None and m.embed != cfg.embed.name:
         raise ConfigError(f"method={m.name} is built on embed={m.embed}, but embed={cfg.embed.name} was chosen; "
                           f"drop the embed override or pick the method that matches it")
