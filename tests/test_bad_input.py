@@ -85,6 +85,10 @@ def messages(caplog) -> list[str]:
 
 FORK_SERVER = r"""
 import json, os, runpy, sys, traceback
+# the answers go on a copy of stdout; fd 1 is stderr until a child redirects it: a library that prints on import
+# (transformers does under WANDB_MODE=offline) cannot garble them
+answers = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)
 # the heavy imports, once; not the entry modules themselves (runpy executes those fresh, as `python -m` does)
 import hydra, torch, transformers, trl, peft
 import sempa_exp.pipelines.training, sempa_exp.pipelines.evaluation, sempa_exp.config.registry
@@ -111,7 +115,7 @@ for line in sys.stdin:
             sys.stderr.flush()
             os._exit(code)
     _, status = os.waitpid(pid, 0)
-    print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
+    print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), file=answers, flush=True)
 """
 
 

@@ -12,11 +12,13 @@ from omegaconf import DictConfig
 from sempa_exp.config.errors import reporting_user_errors
 from sempa_exp.config.location import CONF_DIR
 from sempa_exp.config.registry import register_all
-from sempa_exp.pipelines import generation
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> int:
+    # imported here, not at the top: --help and --cfg answer without loading torch and transformers
+    from sempa_exp.pipelines import generation
+
     with reporting_user_errors():
         record = generation.run(cfg)
     failed = [name for name, r in record["tasks"].items() if r.get("status") == "failed"]

@@ -9,13 +9,15 @@ from omegaconf import DictConfig
 from sempa_exp.config.errors import reporting_user_errors
 from sempa_exp.config.location import CONF_DIR
 from sempa_exp.config.registry import register_all
-from sempa_exp.launch.distributed import export_from_submitit
-from sempa_exp.pipelines import training
-from sempa_exp.records.results import sweep_objective
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    # imported here, not at the top: --help and --cfg answer without loading torch and transformers
+    from sempa_exp.launch.distributed import export_from_submitit
+    from sempa_exp.pipelines import training
+    from sempa_exp.records.results import sweep_objective
+
     export_from_submitit()  # one process per GPU under SLURM: before anything reads RANK/WORLD_SIZE
     with reporting_user_errors():
         return sweep_objective(training.run(cfg))
