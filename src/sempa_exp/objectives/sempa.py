@@ -47,6 +47,7 @@ class SempaObjective(Objective):
             data_cache=prepared_data_cache(cfg, tokenizer, use_cpu) if o.cache_prepared_data else None,
             add_length_column=o.group_by_length,
             sort_within_step=o.sort_within_step,
+            share_prompt=o.share_prompt_prefix,
             model=model,
             ref_model=None,
             args=self.dpo_args(cfg, output_dir, world_size, use_cpu),
