@@ -17,6 +17,7 @@ from peft import PeftModel
 from sempa_exp.config.schema import Config, ConfigError, MethodSettings
 from sempa_exp.embedding.base import LoadedMethod
 from sempa_exp.embedding.prompt import PromptMethod
+from sempa_exp.models.lora import fold_lora
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,9 @@ class CheckpointMethod(PromptMethod):
         run_config = check_backbone(adapter, cfg.backbone.name, cfg.embed.name)
         model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir, dtype=cfg.eval.dtype)
         model = attach_adapter(model, adapter).to(device)
+        merged = cfg.eval.merge_adapter and fold_lora(model) is not None  # for good: this model only evaluates
         info = {"adapter": str(Path(adapter).resolve()), "trained_with": trained_objective(run_config),
-                "samples_seen": trained_samples(adapter)}
+                "samples_seen": trained_samples(adapter), "merged": merged}
         return LoadedMethod(model, tokenizer, cls.from_config(cfg, settings, tokenizer), info)
 
 

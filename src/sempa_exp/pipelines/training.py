@@ -32,6 +32,7 @@ from sempa_exp.evaluation.suites import (
 )
 from sempa_exp.launch.distributed import device_for, world
 from sempa_exp.models.backbones import backbone_fingerprint, load_backbone
+from sempa_exp.models.lora import lora_folded
 from sempa_exp.objectives.base import Objective, build_objective
 from sempa_exp.records import identity, rundir
 from sempa_exp.records.metrics import RunLogger, read_metrics, rewind_metrics
@@ -138,7 +139,8 @@ class TrainingRun:
                 "backbone": backbone_fingerprint(self.cfg.backbone), "dtype": self.cfg.backbone.dtype,
                 "embed": self.prep.resolved["embed"], "max_length": self.cfg.eval.max_length})
             cache.load_into(encoder)
-        metrics = evaluate(encoder, self.prep.eval_data, todo)
+        with lora_folded(self.trainer.model, enabled=self.cfg.eval.merge_adapter and not untrained):
+            metrics = evaluate(encoder, self.prep.eval_data, todo)
         if cache is not None:
             cache.save_from(encoder)
         metrics["eval/seconds"] = time.time() - started
