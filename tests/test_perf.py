@@ -3,6 +3,7 @@ reference log-probs, the prepared-data cache and its keys (tiny backbone, fp32).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -306,3 +307,52 @@ def test_two_processes_share_the_cache_without_deadlock(data_root, tmp_path):
     assert cold[1]["events"]["tokenized"] == "hit"  # it waited for rank 0 and read its entry
     assert all(r["events"] == {"tokenized": "hit", "ref_logps": "hit"} for r in warm)
     assert cold[0]["ref"] == cold[1]["ref"] == warm[0]["ref"] == warm[1]["ref"]
+
+
+def counted(calls: list, real, batch, k):
+    calls.append(k)
+    return real(batch, k)
+
+
+def test_a_token_budget_trains_in_equal_chunks_with_the_same_losses_and_metrics(tiny_cfg, tmp_path):
+    """objective.max_tokens_per_micro_batch: each micro-batch of 4 pairs in 2 or 4 chunks; every step's loss and
+    per-pair metric equal the unchunked run's (fp32), and the chunking really happens."""
+    from sempa_exp.objectives import dpo
+
+    common = ["trainer.per_device_batch_size=4", "trainer.grad_accum_steps=2", "objective.disable_dropout=true"]
+    plain = make_trainer(tiny_cfg, tmp_path / "plain", *common)
+    longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(
+        plain.train_dataset["prompt_ids"], plain.train_dataset["chosen_ids"], plain.train_dataset["rejected_ids"]))
+    baseline = train_losses(plain)
+    logs = [{k: v for k, v in h.items() if k != "grad_norm"} for h in plain.state.log_history if "loss" in h]
+    for budget, chunks in ((2 * 2 * longest, 2), (2 * longest, 4), (longest, 4)):
+        trainer = make_trainer(tiny_cfg, tmp_path / str(budget), *common,
+                               f"objective.max_tokens_per_micro_batch={budget}")
+        assert trainer.chunks == chunks
+        sizes = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(dpo, "split_pairs", functools.partial(counted, sizes, dpo.split_pairs))
+            losses = train_losses(trainer)
+        assert sizes == [chunks] * 8  # 4 steps x 2 micro-batches
+        np.testing.assert_allclose(losses, baseline, atol=1e-6, rtol=0)
+        chunked = [{k: v for k, v in h.items() if k != "grad_norm"} for h in trainer.state.log_history if "loss" in h]
+        for a, b in zip(logs, chunked, strict=True):
+            assert a.keys() == b.keys()
+            # per-pair metrics are means over equal chunks: the same; token-weighted ones (logits/*, entropy,
+            # mean_token_accuracy) are averaged over the chunks, as TRL averages them over accumulated micro-batches
+            for key in [k for k in a if k.split("/")[0] in ("loss", "rewards", "logps", "learning_rate", "epoch")]:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), key
+
+
+def test_split_pairs_keeps_each_pair_and_its_reference_log_probs_together():
+    from sempa_exp.objectives.dpo import split_pairs
+
+    ids = torch.tensor([[1, 2, 0, 0], [3, 4, 5, 0], [6, 0, 0, 0], [7, 8, 9, 9], [1, 1, 0, 0], [2, 2, 2, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids > 0).long(), "completion_mask": (ids > 1).long(),
+             "ref_chosen_logps": torch.tensor([0.1, 0.2, 0.3]), "ref_rejected_logps": torch.tensor([1.0, 2.0, 3.0])}
+    first, second = split_pairs(batch, 2)
+    assert first["input_ids"].tolist() == [[1, 2, 0, 0], [3, 4, 5, 0], [7, 8, 9, 9], [1, 1, 0, 0]]
+    assert second["input_ids"].tolist() == [[6, 0, 0], [2, 2, 2]]  # cut to its own longest sequence
+    assert first["ref_chosen_logps"].tolist() == pytest.approx([0.1, 0.2])
+    assert second["ref_rejected_logps"].tolist() == pytest.approx([3.0])
+    assert split_pairs(batch, 1) == [batch]

@@ -245,6 +245,12 @@ class SempaObjectiveConfig:
     # reference passes alike; needs completion_only_logits. With dropout on, the two completions share the prompt's
     # dropout mask (TRL draws two).
     share_prompt_prefix: bool = True  # ignored when completion_only_logits is off
+    # A memory budget: each micro-batch of trainer.per_device_batch_size pairs is trained in k equal chunks, k the
+    # smallest divisor of the batch for which a chunk of the longest training pairs fits this many tokens (TRL's
+    # layout: 2 sequences per pair, padded to the longest). Same pairs per step, same loss (a mean over equal chunks),
+    # same per-pair metrics (token-weighted ones such as logits/* are averaged over the chunks, as TRL averages them
+    # over accumulated micro-batches); only activation memory shrinks. None: no budget.
+    max_tokens_per_micro_batch: Optional[int] = None
 
 
 @dataclass
@@ -485,6 +491,8 @@ def validate(cfg: Config) -> None:
                           f"{', '.join(schedulers)}")
     if isinstance(cfg.objective, SempaObjectiveConfig):
         _positive("objective.beta", cfg.objective.beta)
+        if cfg.objective.max_tokens_per_micro_batch is not None:
+            _positive("objective.max_tokens_per_micro_batch", cfg.objective.max_tokens_per_micro_batch)
     elif isinstance(cfg.objective, ContrastiveObjectiveConfig):
         _positive("objective.temperature", cfg.objective.temperature)
     elif cfg.objective is not None:

@@ -412,6 +412,50 @@ def _uncollate(batch: dict) -> list[dict]:
     return examples
 
 
+def chunks_for_budget(pairs: Dataset, batch_size: int, max_tokens: int) -> int:
+    """The smallest divisor k of ``batch_size`` for which ``batch_size / k`` of the longest pairs, laid out as TRL
+    collates them (two sequences per pair, padded to the longest), fit ``max_tokens``; ``batch_size`` when not even
+    one pair does (with a warning)."""
+    longest = max((len(p) + max(len(c), len(r)) for p, c, r in
+                   zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"], strict=True)), default=0)
+    for k in range(1, batch_size + 1):
+        if batch_size % k == 0 and batch_size // k * 2 * longest <= max_tokens:
+            if k > 1:
+                log.info("objective.max_tokens_per_micro_batch=%d: each micro-batch of %d pairs trains in %d chunks "
+                         "of %d (longest pair: %d tokens per sequence)", max_tokens, batch_size, k, batch_size // k,
+                         longest)
+            return k
+    log.warning("objective.max_tokens_per_micro_batch=%d is below one pair (2 x %d tokens): training one pair at a "
+                "time", max_tokens, longest)
+    return batch_size
+
+
+def split_pairs(batch: dict, chunks: int) -> list[dict]:
+    """A collated preference batch (rows [chosen..., rejected...], per-pair columns of n rows) as ``chunks`` batches of
+    consecutive pairs, each cut to its own longest sequence. Fewer pieces when the batch has fewer pairs."""
+    n = batch["input_ids"].shape[0] // 2
+    if chunks <= 1 or n <= 1:
+        return [batch]
+    size = -(-n // chunks)
+    pieces = []
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        rows = torch.cat([torch.arange(start, stop), torch.arange(n + start, n + stop)]).to(batch["input_ids"].device)
+        width = int(batch["attention_mask"][rows].sum(1).max())
+        piece = {}
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                piece[key] = value
+            elif value.shape[0] == 2 * n:
+                piece[key] = value[rows][:, :width] if value.dim() == 2 else value[rows]
+            elif value.shape[0] == n:
+                piece[key] = value[start:stop]
+            else:
+                raise ValueError(f"cannot split the batch column {key!r} of shape {tuple(value.shape)} by pairs")
+        pieces.append(piece)
+    return pieces
+
+
 class SempaDPOTrainer(DPOTrainer):
     """DPOTrainer + the flags above. ``data_cache`` is used only together with TRL's ``precompute_ref_log_probs``
     for the reference log-probs; the tokenized pairs are cached whenever it is given."""
@@ -419,7 +463,7 @@ class SempaDPOTrainer(DPOTrainer):
     def __init__(self, *positional, completion_only_logits: bool = False,
                  data_cache: PreparedDataCache | None = None, add_length_column: bool = False,
                  sort_within_step: bool = False, turn_end: list[int] | None = None, share_prompt: bool = False,
-                 **kwargs) -> None:
+                 max_tokens_per_micro_batch: int | None = None, **kwargs) -> None:
         # Read by _prepare_dataset / _precompute_ref_logps, which DPOTrainer.__init__ calls
         self.completion_only_logits = completion_only_logits
         self.share_prompt = share_prompt
@@ -446,6 +490,30 @@ class SempaDPOTrainer(DPOTrainer):
             self.precompute_ref_logps = True  # what DPOTrainer._compute_loss reads
             self.train_dataset = self._precompute_ref_logps(
                 self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size)
+        self.chunks = 1
+        if max_tokens_per_micro_batch is not None and self.train_dataset is not None:
+            self.chunks = chunks_for_budget(self.train_dataset, self.args.per_device_train_batch_size,
+                                            max_tokens_per_micro_batch)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """With a token budget, the micro-batch is trained in ``self.chunks`` equal chunks of pairs: each chunk's loss
+        is scaled by 1 / (gradient accumulation x chunks), so the step's gradient and logged loss are the unchunked
+        ones; under DDP only the last chunk's backward synchronises."""
+        pieces = split_pairs(inputs, self.chunks)
+        if len(pieces) == 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        accumulation = self.current_gradient_accumulation_steps
+        self.current_gradient_accumulation_steps = accumulation * len(pieces)
+        try:
+            total = None
+            for i, piece in enumerate(pieces):
+                last = i == len(pieces) - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    loss = super().training_step(model, piece, num_items_in_batch)
+                total = loss if total is None else total + loss
+            return total
+        finally:
+            self.current_gradient_accumulation_steps = accumulation
 
     def _install_head(self) -> None:
         outputs = ("log_probs", "entropy", "mean_logits", "is_top1")

@@ -48,6 +48,7 @@ class SempaObjective(Objective):
             add_length_column=o.group_by_length,
             sort_within_step=o.sort_within_step,
             share_prompt=o.share_prompt_prefix,
+            max_tokens_per_micro_batch=o.max_tokens_per_micro_batch,
             model=model,
             ref_model=None,
             args=self.dpo_args(cfg, output_dir, world_size, use_cpu),
