@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sempa_exp.config.schema import BackboneConfig, EmbedConfig
+from sempa_exp.config.schema import BackboneConfig, EmbedConfig, data_dir
 from sempa_exp.data.prompts import embedding_prompt
 from sempa_exp.embedding.encoder import SentenceEncoder
 from sempa_exp.models.backbones import load_backbone
@@ -72,10 +72,10 @@ def test_duplicates_are_embedded_once_and_order_is_kept(tiny, monkeypatch):
     model, tokenizer = tiny
     encoder = SentenceEncoder(model, tokenizer, PROMPTEOL, batch_size=2, progress=False)
     calls = []
-    embed = encoder._embed
-    monkeypatch.setattr(encoder, "_embed", lambda sentences: calls.append(list(sentences)) or embed(sentences))
+    embed = encoder._embed_batches
+    monkeypatch.setattr(encoder, "_embed_batches", lambda batches: calls.append(batches) or embed(batches))
     vectors = encoder.encode(SENTENCES)
-    assert calls == [list(dict.fromkeys(SENTENCES))]
+    assert len(calls) == 1 and sorted(s for b in calls[0] for s in b) == sorted(dict.fromkeys(SENTENCES))
     np.testing.assert_array_equal(vectors[0], vectors[4])
     again = encoder.encode(SENTENCES[::-1])
     assert len(calls) == 1  # memoised
@@ -109,17 +109,23 @@ def test_embedding_cache_round_trips_sentences_with_their_vectors(tmp_path):
     from sempa_exp.evaluation.suites import EmbeddingCache
 
     key = {"backbone": "tiny", "embed": "prompteol"}
-    written = SimpleNamespace(memo={"a \"quoted\" one": np.array([1.0, 2.0], dtype=np.float32),
-                                    "é unicode": np.array([3.0, 4.0], dtype=np.float32), "": np.zeros(2, np.float32)})
+    vectors = {"a \"quoted\" one": np.array([1.0, 2.0], dtype=np.float32),
+               "é unicode": np.array([3.0, 4.0], dtype=np.float32), "": np.zeros(2, np.float32)}
+    written = SimpleNamespace(memo={"ad hoc": np.array([5.0, 6.0], dtype=np.float32)},
+                              group_memo={"sts": vectors, "stsb_dev": {"é unicode": np.ones(2, np.float32)}})
     EmbeddingCache(tmp_path, key).save_from(written)
     assert [p.name for p in (tmp_path / "embeddings").rglob("*.tmp*")] == []  # nothing half-written left behind
 
-    read = SimpleNamespace(memo={})
-    assert EmbeddingCache(tmp_path, key).load_into(read) == 3
+    read = SimpleNamespace(memo={}, group_memo={"sts": {}, "stsb_dev": {}})
+    assert EmbeddingCache(tmp_path, key).load_into(read) == 5
     assert read.memo.keys() == written.memo.keys()
-    for sentence, vector in written.memo.items():
-        np.testing.assert_array_equal(read.memo[sentence], vector)
-    assert EmbeddingCache(tmp_path, {**key, "embed": "mean"}).load_into(SimpleNamespace(memo={})) == 0  # other key
+    for name, memo in written.group_memo.items():
+        assert read.group_memo[name].keys() == memo.keys()
+        for sentence, vector in memo.items():
+            np.testing.assert_array_equal(read.group_memo[name][sentence], vector)
+    np.testing.assert_array_equal(read.memo["ad hoc"], written.memo["ad hoc"])
+    other = SimpleNamespace(memo={}, group_memo={})
+    assert EmbeddingCache(tmp_path, {**key, "embed": "mean"}).load_into(other) == 0  # other key
 
 
 def test_a_damaged_embedding_cache_is_ignored_not_fatal(tmp_path):
@@ -128,8 +134,42 @@ def test_a_damaged_embedding_cache_is_ignored_not_fatal(tmp_path):
     from sempa_exp.evaluation.suites import EmbeddingCache
 
     cache = EmbeddingCache(tmp_path, {"backbone": "tiny"})
-    cache.save_from(SimpleNamespace(memo={"a": np.ones(2, np.float32)}))
+    cache.save_from(SimpleNamespace(memo={"a": np.ones(2, np.float32)}, group_memo={}))
     stored = cache.folder / "embeddings.npz"
     stored.write_bytes(stored.read_bytes()[:40])  # truncated, e.g. a full disk
-    read = SimpleNamespace(memo={})
+    read = SimpleNamespace(memo={}, group_memo={})
     assert cache.load_into(read) == 0 and read.memo == {}
+
+
+def test_a_grouped_sentence_gets_the_same_vector_whatever_was_embedded_before(tiny_cfg):
+    """The encoder's groups fix each sentence's batch: STS vectors after STS-B dev was embedded (a checkpoint's
+    evaluation, then the final one) equal a fresh encoder's bit for bit (a run resumed between the two scores as
+    the uninterrupted run). Without groups the batch-mates, and so the last bits, depend on the history."""
+    from omegaconf import OmegaConf
+
+    from sempa_exp.evaluation.suites import eval_groups, evaluate, load_eval_data, sentences_needed
+
+    cfg = OmegaConf.to_object(tiny_cfg())
+    model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir)
+    model = model.to(torch.bfloat16)  # bf16: batch-mates show in the last bits
+    data = load_eval_data(data_dir(cfg), ["sts", "stsb_dev", "geometry"])
+    sts = sentences_needed(data, ["sts"])["sts"]
+    dev = sentences_needed(data, ["stsb_dev"])["stsb_dev"]
+    assert set(sts) & set(dev)  # the synthetic data shares sentences between the groups, as the real data does
+
+    def encoder(**kwargs):
+        return SentenceEncoder(model, tokenizer, cfg.embed, batch_size=5, progress=False, **kwargs)
+
+    fresh = encoder(groups=eval_groups(data))
+    after_dev = encoder(groups=eval_groups(data))
+    after_dev.encode(dev, "stsb_dev")
+    after_dev.encode(sts[::3], "sts")  # part of the group first: its batches are computed whole all the same
+    np.testing.assert_array_equal(after_dev.encode(sts, "sts"), fresh.encode(sts, "sts"))
+    assert evaluate(encoder(groups=eval_groups(data)), data, ["stsb_dev", "sts"]) == evaluate(
+        encoder(groups=eval_groups(data)), data, ["sts", "stsb_dev"])
+
+    plain_fresh, plain_after = encoder(), encoder()
+    plain_after.encode(dev)
+    assert not np.array_equal(plain_after.encode(sts), plain_fresh.encode(sts))  # what the groups prevent
+    with pytest.raises(ValueError, match="not in the encoder's group 'stsb_dev'"):
+        fresh.encode(["a sentence of no group"], "stsb_dev")

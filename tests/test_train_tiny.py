@@ -97,13 +97,13 @@ def test_end_of_training_evaluation_reuses_the_last_checkpoints_embeddings(tiny_
     """The final step is also a checkpoint: its STS-B dev sentences (which hold the geometry sample) are embedded once
     for both evaluations of that step, with the same weights."""
     embedded: list[list[str]] = []
-    original = SentenceEncoder._embed
+    original = SentenceEncoder._embed_batches
 
-    def counting(self, sentences):
-        embedded.append(list(sentences))
-        return original(self, sentences)
+    def counting(self, batches):
+        embedded.append([s for b in batches for s in b])
+        return original(self, batches)
 
-    monkeypatch.setattr(SentenceEncoder, "_embed", counting)
+    monkeypatch.setattr(SentenceEncoder, "_embed_batches", counting)
     results = training.run(tiny_cfg("eval.at_start=[]", "eval.at_checkpoint=[stsb_dev]", "eval.at_end=[geometry]"))
     assert results.final_step == 4
     assert {"eval/stsb_dev", "eval/uniformity"} <= set(results.final)

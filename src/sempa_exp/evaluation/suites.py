@@ -10,6 +10,7 @@ skipped for encoders without an LM head)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -76,28 +77,48 @@ def load_eval_data(data_dir: Path, suites: Iterable[str], geometry_sample: int =
     return data
 
 
-def sentences_needed(data: EvalData, suites: Iterable[str]) -> list[str]:
+STS_GROUP, DEV_GROUP = "sts", "stsb_dev"  # the encoder's sentence groups (SentenceEncoder's ``groups``)
+
+
+def eval_groups(data: EvalData) -> dict[str, list[str]]:
+    """The sentence groups an evaluation embeds in fixed batches: every sentence of the 7 STS tasks (the sts and gar
+    suites), every sentence of STS-B dev (the stsb_dev and geometry suites). 2,238 STS-B dev sentences are in the 7
+    tasks too; each group embeds them in its own batches, so a suite's scores never depend on which ran first."""
+    groups = {}
+    if data.tasks:
+        groups[STS_GROUP] = list(dict.fromkeys(s for splits in data.tasks.values() for split in splits
+                                               for s in split.sentences))
+    if data.stsb_dev is not None:
+        groups[DEV_GROUP] = list(dict.fromkeys(data.stsb_dev.sentences))
+    return groups
+
+
+def sentences_needed(data: EvalData, suites: Iterable[str]) -> dict[str, list[str]]:
+    """Per sentence group, the distinct sentences the suites score."""
     suites = set(suites)
-    out: list[str] = []
+    out: dict[str, list[str]] = {STS_GROUP: [], DEV_GROUP: []}
     if "sts" in suites:
-        out += [s for splits in data.tasks.values() for split in splits for s in split.sentences]
-    if "stsb_dev" in suites and data.stsb_dev is not None:
-        out += data.stsb_dev.sentences
-    if "geometry" in suites:
-        out += data.geometry_sentences
+        out[STS_GROUP] += [s for splits in data.tasks.values() for split in splits for s in split.sentences]
     if "gar" in suites:
-        out += data.gar_sentences
-    return list(dict.fromkeys(out))
+        out[STS_GROUP] += data.gar_sentences
+    if "stsb_dev" in suites and data.stsb_dev is not None:
+        out[DEV_GROUP] += data.stsb_dev.sentences
+    if "geometry" in suites:
+        out[DEV_GROUP] += data.geometry_sentences
+    return {group: list(dict.fromkeys(sentences)) for group, sentences in out.items() if sentences}
 
 
 def evaluate(encoder: SentenceEncoder, data: EvalData, suites: Iterable[str]) -> dict[str, float]:
     suites = list(dict.fromkeys(suites))
-    encoder.encode(sentences_needed(data, suites))  # one pass over every distinct sentence, length-sorted
+    for group, sentences in sentences_needed(data, suites).items():
+        encoder.encode(sentences, group)  # one pass over the group's batches that hold a needed sentence
+    in_sts, in_dev = functools.partial(encoder.encode, group=STS_GROUP), functools.partial(encoder.encode,
+                                                                                          group=DEV_GROUP)
     metrics: dict[str, float] = {}
     if "sts" in suites:
         headline = []
         for task, splits in data.tasks.items():
-            scores = sts.score_task(splits, encoder.encode)
+            scores = sts.score_task(splits, in_sts)
             short = sts.SHORT_NAMES[task]
             metrics[f"eval/{short}"] = scores["all"]
             if len(splits) > 1:
@@ -105,9 +126,9 @@ def evaluate(encoder: SentenceEncoder, data: EvalData, suites: Iterable[str]) ->
             headline.append(scores["all"])
         metrics["eval/sts_avg"] = float(np.mean(headline))
     if "stsb_dev" in suites:
-        metrics["eval/stsb_dev"] = sts.score_task([data.stsb_dev], encoder.encode)["all"]
+        metrics["eval/stsb_dev"] = sts.score_task([data.stsb_dev], in_dev)["all"]
     if "geometry" in suites:
-        emb = encoder.encode(data.geometry_sentences)
+        emb = in_dev(data.geometry_sentences)
         metrics["eval/uniformity"] = geometry.uniformity(emb)
         metrics["eval/isotropy"] = geometry.isotropy(emb)
     if "ppl" in suites:
@@ -121,9 +142,12 @@ def evaluate(encoder: SentenceEncoder, data: EvalData, suites: Iterable[str]) ->
             log.info("gar skipped: the embeddings of %s are not in an LM's hidden space", type(encoder.method).__name__)
         else:
             metrics["eval/gar"] = token_alignment.gar_score(
-                encoder.encode(data.gar_sentences), data.gar_sentences, lm_head, encoder.tokenizer,
+                in_sts(data.gar_sentences), data.gar_sentences, lm_head, encoder.tokenizer,
                 data.gar_top_k, data.gar_match)
     return metrics
+
+
+UNGROUPED = ""  # the cache's name for the encoder's vectors outside any group (the NLI PCA sample, say)
 
 
 class EmbeddingCache:
@@ -135,29 +159,38 @@ class EmbeddingCache:
         self.key_parts = key_parts
 
     def load_into(self, encoder: SentenceEncoder) -> int:
+        """The stored vectors of the encoder's groups (a group's batching is part of the key: see ``for_groups``)."""
         cache_file = self.folder / "embeddings.npz"
         if not cache_file.exists():
             return 0
         try:
             with np.load(cache_file, allow_pickle=False) as stored:
-                sentences, vectors = json.loads(stored["sentences_json"].tobytes()), stored["vectors"]
+                groups = json.loads(stored["groups_json"].tobytes())
+                vectors = {name: stored[f"vectors_{i}"] for i, name in enumerate(groups)}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # a damaged file is recomputed, not fatal
             log.warning("ignoring unreadable embedding cache %s (%s)", cache_file, exc)
             return 0
-        if len(sentences) != len(vectors):
+        if any(len(sentences) != len(vectors[name]) for name, sentences in groups.items()):
             log.warning("ignoring inconsistent embedding cache %s", self.folder)
             return 0
-        encoder.memo.update(zip(sentences, vectors))
-        return len(sentences)
+        loaded = 0
+        for name, sentences in groups.items():
+            memo = encoder.memo if name == UNGROUPED else encoder.group_memo.get(name)
+            if memo is not None:
+                memo.update(zip(sentences, vectors[name]))
+                loaded += len(sentences)
+        return loaded
 
     def save_from(self, encoder: SentenceEncoder) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        sentences = list(encoder.memo)
+        memos = {UNGROUPED: encoder.memo, **encoder.group_memo}
+        groups = {name: list(memo) for name, memo in memos.items() if memo}
+        arrays = {f"vectors_{i}": np.stack([memos[name][s] for s in sentences])
+                  for i, (name, sentences) in enumerate(groups.items())}
         # Sentences and vectors in one file replaced atomically: the runs of a sweep (on several nodes) share this
         # cache and may save it at once; per-process temporary names keep their writes apart.
         tmp = self.folder / f"embeddings.{os.uname().nodename}.{os.getpid()}.tmp.npz"
         with open(tmp, "wb") as f:
-            np.savez(f, sentences_json=np.frombuffer(json.dumps(sentences).encode(), dtype=np.uint8),
-                     vectors=np.stack([encoder.memo[s] for s in sentences]))
+            np.savez(f, groups_json=np.frombuffer(json.dumps(groups).encode(), dtype=np.uint8), **arrays)
         (self.folder / "key.json").write_text(json.dumps(self.key_parts, indent=1, sort_keys=True))
         os.replace(tmp, self.folder / "embeddings.npz")

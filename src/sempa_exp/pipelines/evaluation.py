@@ -30,6 +30,7 @@ from sempa_exp.evaluation.suites import (
     EmbeddingCache,
     EvalData,
     eval_data_digest,
+    eval_groups,
     evaluate,
     load_eval_data,
 )
@@ -97,13 +98,14 @@ class Evaluation:
         self.prep = prep
         self.cfg = prep.config
 
-    def cache_for(self, method) -> EmbeddingCache | None:
+    def cache_for(self, encoder: SentenceEncoder) -> EmbeddingCache | None:
+        method = encoder.method
         if method.cache_key is None or not self.cfg.eval.cache_embeddings:
             return None
         cfg = self.cfg
         return EmbeddingCache(cfg.paths.cache_dir, {
             "backbone": backbone_fingerprint(cfg.backbone), "dtype": cfg.eval.dtype,
-            "embed": self.prep.resolved["embed"], "max_length": cfg.eval.max_length, **method.cache_key})
+            "embed": self.prep.resolved["embed"], "batching": encoder.batching_key(), **method.cache_key})
 
     def execute(self) -> Results:
         cfg, prep, run_dir = self.cfg, self.prep, self.prep.run_dir
@@ -121,8 +123,9 @@ class Evaluation:
             started = time.time()
             loaded = loading.load(cfg, device_for(cfg.run.device))
             encoder = SentenceEncoder(loaded.model, loaded.tokenizer, cfg.embed, batch_size=cfg.eval.batch_size,
-                                      max_length=cfg.eval.max_length, method=loaded.method)
-            cache = self.cache_for(loaded.method)
+                                      max_length=cfg.eval.max_length, method=loaded.method,
+                                      groups=eval_groups(prep.eval_data))
+            cache = self.cache_for(encoder)
             if cache is not None:
                 log.info("%d cached embeddings loaded from %s", cache.load_into(encoder), cache.folder)
             metrics = evaluate(encoder, prep.eval_data, prep.suites)

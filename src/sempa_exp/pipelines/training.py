@@ -27,6 +27,7 @@ from sempa_exp.evaluation.suites import (
     EmbeddingCache,
     EvalData,
     eval_data_digest,
+    eval_groups,
     evaluate,
     load_eval_data,
 )
@@ -123,7 +124,7 @@ class TrainingRun:
         if self._step_encoder is None or self._step_encoder[0] != step:
             e = self.cfg.eval
             encoder = SentenceEncoder(self.trainer.model, self.tokenizer, self.cfg.embed, batch_size=e.batch_size,
-                                      max_length=e.max_length)
+                                      max_length=e.max_length, groups=eval_groups(self.prep.eval_data))
             self._step_encoder = (step, encoder)
         return self._step_encoder[1]
 
@@ -137,7 +138,7 @@ class TrainingRun:
         if untrained and self.cfg.eval.cache_embeddings:
             cache = EmbeddingCache(self.cfg.paths.cache_dir, {
                 "backbone": backbone_fingerprint(self.cfg.backbone), "dtype": self.cfg.backbone.dtype,
-                "embed": self.prep.resolved["embed"], "max_length": self.cfg.eval.max_length})
+                "embed": self.prep.resolved["embed"], "batching": encoder.batching_key()})
             cache.load_into(encoder)
         with lora_folded(self.trainer.model, enabled=self.cfg.eval.merge_adapter and not untrained):
             metrics = evaluate(encoder, self.prep.eval_data, todo)
