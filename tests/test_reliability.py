@@ -332,6 +332,86 @@ def test_killed_run_resumes_from_its_last_checkpoint(reference, messy_root, tmp_
     assert results.samples_seen == reference.samples_seen == 64
 
 
+# As under submitit, which ignores SIGTERM ("Bypassing signal SIGTERM"), then SIGTERM at step 5's training record, as
+# scancel / scontrol requeue / a preemption send it.
+TERMINATED_TRAIN = """
+import os, signal
+from sempa_exp.objectives.recipe import MetricsCallback
+
+signal.signal(signal.SIGTERM, lambda signum, frame: print("Bypassing signal SIGTERM", flush=True))
+logged = MetricsCallback.on_log
+
+def on_log(self, args, state, control, logs=None, **kwargs):
+    logged(self, args, state, control, logs=logs, **kwargs)
+    if state.global_step == 5 and logs and "loss" in logs:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+MetricsCallback.on_log = on_log
+from sempa_exp import train
+from sempa_exp.config.registry import register_all
+
+register_all()
+train.main()
+"""
+
+
+def test_sigterm_stops_training_at_once_and_the_run_resumes(reference, messy_root, tmp_path):
+    """SIGTERM (even with submitit's ignoring handler installed first) stops the run where it is: no step after it,
+    exit status 143, one line saying so; the relaunch resumes from the last checkpoint and ends as the reference."""
+    command, runs = train_command(messy_root, tmp_path), tmp_path / "runs"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    script = tmp_path / "terminated_train.py"
+    script.write_text(TERMINATED_TRAIN)
+    first = subprocess.run([sys.executable, str(script), *command[3:]], capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert first.returncode == 143, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "[sempa-exp] signal SIGTERM: training stopped" in first.stdout
+    assert "Traceback" not in first.stdout + first.stderr
+    (run_dir,) = [p for p in (runs / "default").iterdir() if p.name != ".hydra"]
+    assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3, 4, 5]  # nothing trained after the signal
+    assert rundir.latest_checkpoint(run_dir / "checkpoints") == run_dir / "checkpoints" / "checkpoint-4"
+    assert not (run_dir / "results.json").exists()
+
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    results = read_results(run_dir)
+    assert results.finished and [r["step"] for r in train_rows(run_dir)] == list(range(1, 9))
+    for a, b in zip(train_rows(Path(reference.run_dir)), train_rows(run_dir), strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5, abs=1e-7), a["step"]
+        assert b["train/num_tokens"] == a["train/num_tokens"], a["step"]  # the counter continues after a resume
+
+
+def test_a_run_stopped_in_its_final_evaluation_redoes_only_the_missing_suites(tiny_cfg, monkeypatch):
+    """The end-of-run evaluation is resumable suite by suite (a time limit that hits it loses only the suite in
+    progress), and the resumed run's final scores equal an uninterrupted run's exactly (bf16: the encoder's fixed
+    batches, not what the stopped attempt had embedded)."""
+    from sempa_exp.pipelines import training as training_module
+
+    suites = ["eval.at_start=[]", "eval.at_checkpoint=[stsb_dev]", "eval.at_end=[stsb_dev,geometry,sts]",
+              "backbone.dtype=bfloat16"]
+    reference = training.run(tiny_cfg(*suites, "run.name=reference"))
+    cfg = tiny_cfg(*suites, "run.name=stopped")
+    real, calls = training_module.evaluate, []
+
+    def stop_at_sts(encoder, data, todo):
+        calls.append(list(todo))
+        if todo == ["sts"]:
+            raise KeyboardInterrupt  # what a time limit's kill looks like to this code: nothing after it runs
+        return real(encoder, data, todo)
+
+    monkeypatch.setattr(training_module, "evaluate", stop_at_sts)
+    with pytest.raises(KeyboardInterrupt):
+        training.run(cfg)
+    assert calls == [["stsb_dev"], ["stsb_dev"], ["geometry"], ["sts"]]  # steps 2 and 4 (stsb_dev: once at step 4)
+    calls.clear()
+    monkeypatch.setattr(training_module, "evaluate", lambda e, d, todo: calls.append(list(todo)) or real(e, d, todo))
+    resumed = training.run(cfg)
+    assert calls == [["sts"]]  # geometry and STS-B dev of step 4 were recorded before the stop
+    drop = {"eval/seconds"}
+    assert {k: v for k, v in resumed.final.items() if k not in drop} == {
+        k: v for k, v in reference.final.items() if k not in drop}
+
+
 def test_a_checkpoint_saved_but_not_yet_evaluated_is_evaluated_on_resume(tiny_cfg, monkeypatch):
     """The deterministic version of a kill that lands between saving a checkpoint and evaluating it."""
     from sempa_exp.objectives.recipe import CheckpointEvalCallback

@@ -196,6 +196,11 @@ class SweepLauncherMixin:
         if "max_num_timeout" in params:
             init[f"{self._EXECUTOR}_max_num_timeout"] = params.pop("max_num_timeout")
         executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
+        if self._EXECUTOR == "slurm":
+            # --requeue explicitly: preemption and `scontrol requeue` must not depend on the cluster's JobRequeue
+            extra = dict(params.get("additional_parameters") or {})
+            extra.setdefault("requeue", True)
+            params["additional_parameters"] = extra
         common = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(**{k if k in common else f"{self._EXECUTOR}_{k}": v for k, v in params.items()})
         return executor
@@ -221,14 +226,37 @@ class SweepLauncherMixin:
         return jobs
 
     def _wait(self, waiting: list[tuple[PlannedRun, Any]]) -> Iterator[tuple[PlannedRun, Any, JobReturn]]:
-        """Yields (plan, job, JobReturn) as jobs end; a job that produced no result becomes a FAILED JobReturn."""
+        """Yields (plan, job, JobReturn) as jobs end; a job that produced no result becomes a FAILED JobReturn.
+
+        On SLURM a job has ended when ``squeue`` no longer lists it: submitit reports a job done as soon as its result
+        file exists, while its process is still exiting (a ``scancel`` then would record a finished run as
+        CANCELLED), and never reports done a job that left no record at all (a pending array task cancelled before
+        it started: neither squeue nor sacct knows it, submitit says UNKNOWN forever). Both are decided here by
+        squeue, looked at once per poll."""
         from submitit.core.utils import UncompletedJobError
 
         pending = list(waiting)
+        unknown_once: set[str] = set()  # jobs seen gone and UNKNOWN at the previous look
         while pending:
+            queued = active_slurm_jobs() if self._EXECUTOR == "slurm" else None
             still = []
             for plan, job in pending:
+                listed = queued is not None and job.job_id in queued
                 if not job.done():
+                    if queued is not None and not listed and job.state == "UNKNOWN":
+                        if job.job_id in unknown_once:  # twice in a row: not a lag of the accounting
+                            outcome = JobReturn(overrides=plan.overrides, cfg=plan.config, status=JobStatus.FAILED)
+                            outcome.return_value = SweepError(
+                                "VANISHED: neither squeue nor sacct knows the job (cancelled while pending?); "
+                                "relaunch the sweep to submit the run again")
+                            yield plan, job, outcome
+                            continue
+                        unknown_once.add(job.job_id)
+                    else:
+                        unknown_once.discard(job.job_id)
+                    still.append((plan, job))
+                    continue
+                if listed:  # its result is written, its process not gone yet (or it was requeued)
                     still.append((plan, job))
                     continue
                 try:

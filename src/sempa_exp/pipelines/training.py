@@ -140,17 +140,34 @@ class TrainingRun:
                 "backbone": backbone_fingerprint(self.cfg.backbone), "dtype": self.cfg.backbone.dtype,
                 "embed": self.prep.resolved["embed"], "batching": encoder.batching_key()})
             cache.load_into(encoder)
+        samples = self.samples_at(step)
+        metrics: dict[str, float] = {}
+
+        def record(scores: dict[str, float]) -> None:
+            self.run_logger.log(scores, step=step, samples_seen=samples)
+            self.evaluations.setdefault(step, {"step": step, "samples_seen": samples}).update(scores)
+            metrics.update(scores)
+
         with lora_folded(self.trainer.model, enabled=self.cfg.eval.merge_adapter and not untrained):
-            metrics = evaluate(encoder, self.prep.eval_data, todo)
+            # each suite recorded as soon as it is scored: a run stopped in the middle (a time limit, a preemption)
+            # redoes only the suites it lacks, and their scores do not depend on which ran before (encoder groups)
+            for suite in todo:
+                record(evaluate(encoder, self.prep.eval_data, [suite]))
         if cache is not None:
             cache.save_from(encoder)
-        metrics["eval/seconds"] = time.time() - started
-        samples = self.samples_at(step)
-        self.run_logger.log(metrics, step=step, samples_seen=samples)
-        self.evaluations.setdefault(step, {"step": step, "samples_seen": samples}).update(metrics)
+        record({"eval/seconds": time.time() - started})
         log.info("step %d (%d samples): %s", step, samples,
                  ", ".join(f"{k.removeprefix('eval/')}={v:.2f}" for k, v in metrics.items() if k.count("/") == 1))
         return metrics
+
+    def continue_counters(self, checkpoint: Path) -> None:
+        """TRL counts the training tokens seen (``train/num_tokens``) in the trainer object, which a resume builds
+        anew: the count starts again from the value logged at the checkpoint's step, not from 0."""
+        step = int(checkpoint.name.split("-")[-1])
+        logged = [r["train/num_tokens"] for r in read_metrics(self.prep.run_dir)
+                  if r.get("step") == step and isinstance(r.get("train/num_tokens"), (int, float))]
+        if logged and hasattr(self.trainer, "_total_train_tokens"):
+            self.trainer._total_train_tokens = int(logged[-1])
 
     def resume_point(self) -> Path | None:
         checkpoints = self.prep.run_dir / "checkpoints"
@@ -199,6 +216,8 @@ class TrainingRun:
             self.clock = SampleClock(num_pairs, t.per_device_batch_size, t.grad_accum_steps, prep.world_size)
             self.evaluate_step(0, cfg.eval.at_start, untrained=True)
             started = time.time()
+            if resume_from is not None:
+                self.continue_counters(resume_from)
             self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             final_step = self.trainer.state.global_step
             results = None
