@@ -113,7 +113,7 @@ def test_prompt_method_shares_the_training_runs_embedding_cache(eval_cfg, tmp_pa
     evaluate.run(cfg)
     folders = list((tmp_path / "cache" / "embeddings").iterdir())
     key = json.loads((folders[0] / "key.json").read_text())
-    assert len(folders) == 1 and set(key) == {"backbone", "dtype", "embed", "max_length"}  # train.py's key parts
+    assert len(folders) == 1 and set(key) == {"backbone", "dtype", "embed", "batching"}  # train.py's key parts
 
 
 def test_mismatched_embed_and_missing_checkpoint_path_are_config_errors(eval_cfg):

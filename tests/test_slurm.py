@@ -151,8 +151,11 @@ def finished_sweep(tmp_path_factory, slurm_data):
     started = time.time()
     try:
         proc = run_sweep(runs_dir, slurm_data, *SHORT, "run.group=lr", "trainer.learning_rate=1e-4,2e-4,3e-4")
+        # the command returns once its jobs have left the queue, not while their processes are still exiting
+        still_queued = {i: squeue_state(i) for i in job_ids(runs_dir, "lr").values() if squeue_state(i)}
     finally:
         cancel_leftovers(runs_dir, "lr")
+    assert not still_queued, f"the sweep command returned while these jobs were still in the queue: {still_queued}"
     return runs_dir, proc, time.time() - started
 
 
@@ -168,6 +171,8 @@ def test_sweep_is_one_job_array_and_every_run_finishes(finished_sweep):
     array_ids = {i.split("_")[0] for i in ids}
     assert len(array_ids) == 1 and sorted(i.split("_")[1] for i in ids) == ["0", "1", "2"], ids
     assert all(sacct_states(i) == ["COMPLETED"] for i in ids)
+    scripts = list((runs_dir / "lr" / ".hydra").glob("sweep_*/.submitit/**/*_submission.sh"))
+    assert scripts and all("#SBATCH --requeue\n" in f.read_text() for f in scripts)  # not left to JobRequeue
     print(f"3-run sweep on SLURM: {seconds:.0f} s")
 
 
@@ -206,7 +211,7 @@ def test_cancelled_run_is_reported_by_name_and_the_others_finish(tmp_path, slurm
         # the victim is cancelled only once the second client has found it (else it would rightly submit it again)
         wait_for(lambda: f"{victim}: still queued or running" in second_log.read_text(), 180,
                  "the second launch to find the victim's job")
-        # cancelled in the middle of training (it ignores SIGTERM and is killed KillWait=5 s later)
+        # cancelled in the middle of training: SIGTERM stops it
         wait_for(lambda: (runs_dir / "cancel" / victim / "checkpoints" / "checkpoint-5").exists(), 180,
                  f"job {ids[victim]} to train")
         subprocess.run(["scancel", ids[victim]], check=True, timeout=30)
@@ -221,6 +226,8 @@ def test_cancelled_run_is_reported_by_name_and_the_others_finish(tmp_path, slurm
     assert client.returncode != 0
     assert "SweepError: 1 of 3 runs did not finish" in out
     assert f"cancel/{victim} (job {ids[victim]}): CANCELLED" in out
+    # SIGTERM stopped the training at once (submitit alone would bypass it and train on until KillWait's SIGKILL)
+    assert "signal SIGTERM: training stopped" in submitit_logs(runs_dir, "cancel", ids[victim])
     assert sacct_states(ids[victim])[-1].startswith("CANCELLED")
     for name, job_id in ids.items():
         finished = (runs_dir / "cancel" / name / "results.json").exists()
@@ -234,6 +241,33 @@ def test_cancelled_run_is_reported_by_name_and_the_others_finish(tmp_path, slurm
     assert f"{victim}: NOT FINISHED: CANCELLED" in summary
     assert all(f"{name}: finished (job {job_id} of an earlier launch)" in summary or
                f"{name}: skipped (already finished)" in summary for name, job_id in ids.items() if name != victim)
+
+
+def test_a_task_cancelled_while_pending_ends_the_wait_and_is_reported(tmp_path, slurm_data):
+    """A pending array task cancelled before it starts leaves no record in squeue or sacct; the sweep command must
+    not wait for it forever but report it by name, and the other run still finishes."""
+    runs_dir = tmp_path / "runs"
+    # one task at a time: the 2nd run of the array waits (JobArrayTaskLimit) while the 1st trains 40 steps
+    sweep = ["run.group=vanish", *LONG, "trainer.epochs=2", "trainer.learning_rate=1e-4,2e-4",
+             "hydra.launcher.array_parallelism=1"]
+    client = start_sweep(runs_dir, slurm_data, *sweep)
+    try:
+        ids = wait_for(lambda: len(job_ids(runs_dir, "vanish")) == 2 and job_ids(runs_dir, "vanish"), 120,
+                       "the sweep's submission")
+        waiting = next(name for name, job_id in ids.items() if job_id.endswith("_1"))
+        wait_for(lambda: squeue_state(ids[waiting]) == "PENDING", 120, f"job {ids[waiting]} to be pending")
+        subprocess.run(["scancel", ids[waiting]], check=True, timeout=30)
+        out, _ = client.communicate(timeout=600)  # the guard against the old endless wait, not a timing condition
+    finally:
+        if client.poll() is None:
+            client.kill()
+        cancel_leftovers(runs_dir, "vanish")
+    assert client.returncode != 0, out[-3000:]
+    assert "SweepError: 1 of 2 runs did not finish" in out
+    line = next(x for x in out.splitlines() if f"vanish/{waiting} (job {ids[waiting]}):" in x)
+    assert "VANISHED" in line or "CANCELLED" in line, line  # CANCELLED where the cluster's accounting kept a row
+    other = next(name for name in ids if name != waiting)
+    assert (runs_dir / "vanish" / other / "results.json").exists() and f"{other}: finished" in out
 
 
 # --------------------------------------------------------------------------- preemption

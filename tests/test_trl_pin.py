@@ -24,11 +24,13 @@ from sempa_exp.objectives import dpo
 from sempa_exp.objectives.dpo import TRL_VERSION_OVERRIDDEN, PreparedDataCache, SempaDPOTrainer, turn_end_ids
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-# Who must call each override: the private DPOTrainer methods from TRL's trainer, get_batch_samples from transformers'.
+# Who must call each override: the private DPOTrainer methods from TRL's trainer, get_batch_samples and training_step
+# from transformers'.
 OVERRIDES = {
     "_prepare_dataset": "trl.trainer.dpo_trainer",
     "_precompute_ref_logps": "trl.trainer.dpo_trainer",
     "get_batch_samples": "transformers.trainer",
+    "training_step": "transformers.trainer",
 }
 
 

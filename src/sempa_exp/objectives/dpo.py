@@ -13,6 +13,11 @@
 * ``sort_within_step``: the micro-batches of one optimizer step (gradient accumulation) are regrouped by length; every
   step sees the same pairs as with TRL, so its gradient is TRL's up to the order of a float sum.
 
+* ``share_prompt``: a preference batch's prompts run once for both completions, their key/value cache reused
+  (:func:`prefix_shared_hidden`); the per-token log-probs are the two full sequences'.
+* ``max_tokens_per_micro_batch``: a memory budget; each micro-batch is trained in equal chunks that fit it, with the
+  unchunked loss (:func:`chunks_for_budget`, ``SempaDPOTrainer.training_step``).
+
 * ``turn_end_ids``: each completion ends at the chat template's turn end (``<|im_end|>``), as ms-swift encodes it;
   TRL's completion is everything the template renders after the prompt, the line break after the turn end included.
   This one is not a speed-up: it changes the scored tokens to the paper's (``objective.score_template_tail``).
@@ -69,7 +74,8 @@ VOCAB_CHUNK = 32768  # TRL's own vocabulary tile width
 #   _precompute_ref_logps(dataset, name, batch_size): called by DPOTrainer.__init__ (and evaluate) when
 #       precompute_ref_log_probs is on. Ours scores in length-sorted batches and reads/writes the cache's reference
 #       log-probs (and, with the cache, is called by our __init__ instead, sparing TRL's hash of every weight).
-# Also overridden, from transformers' Trainer (not TRL): get_batch_samples, for sort_within_step.
+# Also overridden, from transformers' Trainer (not TRL): get_batch_samples, for sort_within_step; training_step, for
+# max_tokens_per_micro_batch (it sets the Trainer's current_gradient_accumulation_steps around each chunk).
 # TRL internals used without being overridden: the precompute_ref_logps attribute (read by DPOTrainer._compute_loss),
 # DPOTrainer.compute_ref_log_probs, trl.trainer.dpo_trainer's module global global_then_local_main_first (swapped
 # out around TRL's tokenization, see _swapped), and the fused LM head TRL installs (forward(fused_lm_head=True)
