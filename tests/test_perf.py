@@ -356,3 +356,18 @@ def test_split_pairs_keeps_each_pair_and_its_reference_log_probs_together():
     assert first["ref_chosen_logps"].tolist() == pytest.approx([0.1, 0.2])
     assert second["ref_rejected_logps"].tolist() == pytest.approx([3.0])
     assert split_pairs(batch, 1) == [batch]
+
+
+def test_a_token_budget_weighs_unequal_chunks_of_the_last_micro_batch_by_their_pairs(tiny_cfg, tmp_path):
+    """29 pairs, 6 per micro-batch, 2 chunks each: the epoch's last micro-batch (5 pairs) splits 3 + 2, and its loss
+    is still the unchunked mean over its 5 pairs."""
+    common = ["trainer.per_device_batch_size=6", "trainer.grad_accum_steps=1", "trainer.max_steps=-1"]
+    plain = make_trainer(tiny_cfg, tmp_path / "plain", *common, size=29)
+    longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(
+        plain.train_dataset["prompt_ids"], plain.train_dataset["chosen_ids"], plain.train_dataset["rejected_ids"]))
+    chunked = make_trainer(tiny_cfg, tmp_path / "chunked", *common,
+                           f"objective.max_tokens_per_micro_batch={3 * 2 * longest}", size=29)
+    assert chunked.chunks == 2
+    a, b = train_losses(plain), train_losses(chunked)
+    assert len(a) == 5
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=0)

@@ -502,17 +502,19 @@ class SempaDPOTrainer(DPOTrainer):
                                             max_tokens_per_micro_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """With a token budget, the micro-batch is trained in ``self.chunks`` equal chunks of pairs: each chunk's loss
-        is scaled by 1 / (gradient accumulation x chunks), so the step's gradient and logged loss are the unchunked
-        ones; under DDP only the last chunk's backward synchronises."""
+        """With a token budget, the micro-batch is trained in ``self.chunks`` chunks of pairs. The Trainer divides a
+        loss (a mean over its pairs) by ``current_gradient_accumulation_steps`` before the backward; set per chunk to
+        weigh it by its share of the micro-batch's pairs, the micro-batch's gradient and logged loss are the unchunked
+        ones. Under DDP only the last chunk's backward synchronises."""
         pieces = split_pairs(inputs, self.chunks)
         if len(pieces) == 1:
             return super().training_step(model, inputs, num_items_in_batch)
         accumulation = self.current_gradient_accumulation_steps
-        self.current_gradient_accumulation_steps = accumulation * len(pieces)
+        pairs = inputs["input_ids"].shape[0] // 2
         try:
             total = None
             for i, piece in enumerate(pieces):
+                self.current_gradient_accumulation_steps = accumulation * pairs / (piece["input_ids"].shape[0] // 2)
                 last = i == len(pieces) - 1
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
                     loss = super().training_step(model, piece, num_items_in_batch)
