@@ -199,7 +199,10 @@ class SweepLauncherMixin:
         if self._EXECUTOR == "slurm":
             # --requeue explicitly: preemption and `scontrol requeue` must not depend on the cluster's JobRequeue
             extra = dict(params.get("additional_parameters") or {})
-            extra.setdefault("requeue", True)
+            if extra.pop("requeue", True):
+                extra["requeue"] = True
+            else:  # requeue=false: sbatch's own spelling, not "--requeue=False"
+                extra["no_requeue"] = True
             params["additional_parameters"] = extra
         common = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(**{k if k in common else f"{self._EXECUTOR}_{k}": v for k, v in params.items()})
