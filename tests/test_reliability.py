@@ -381,6 +381,17 @@ def test_sigterm_stops_training_at_once_and_the_run_resumes(reference, messy_roo
         assert b["train/num_tokens"] == a["train/num_tokens"], a["step"]  # the counter continues after a resume
 
 
+def test_sigterm_raises_inside_the_block_only():
+    from sempa_exp.launch.termination import StopRequested, stopping_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(StopRequested), stopping_on_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between bytecodes, right after the signal
+            pass
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_run_stopped_in_its_final_evaluation_redoes_only_the_missing_suites(tiny_cfg, monkeypatch):
     """The end-of-run evaluation is resumable suite by suite (a time limit that hits it loses only the suite in
     progress), and the resumed run's final scores equal an uninterrupted run's exactly (bf16: the encoder's fixed

@@ -15,15 +15,15 @@ from sempa_exp.config.registry import register_all
 def main(cfg: DictConfig) -> float | None:
     # imported here, not at the top: --help and --cfg answer without loading torch and transformers
     from sempa_exp.launch.distributed import export_from_submitit
-    from sempa_exp.launch.termination import EXIT_CODE, StopRequested, stop_on_sigterm
+    from sempa_exp.launch.termination import EXIT_CODE, StopRequested, stopping_on_sigterm
     from sempa_exp.pipelines import training
     from sempa_exp.records.results import sweep_objective
 
     export_from_submitit()  # one process per GPU under SLURM: before anything reads RANK/WORLD_SIZE
-    stop_on_sigterm()  # after submitit's own handlers, which ignore SIGTERM
     with reporting_user_errors():
         try:
-            return sweep_objective(training.run(cfg))
+            with stopping_on_sigterm():  # over submitit's own handler, which ignores SIGTERM
+                return sweep_objective(training.run(cfg))
         except StopRequested as stop:
             print(f"[sempa-exp] {stop}: training stopped; the run resumes from its last checkpoint", flush=True)
             raise SystemExit(EXIT_CODE) from None

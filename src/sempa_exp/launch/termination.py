@@ -11,12 +11,11 @@ complete record: a resume starts from the last checkpoint (a checkpoint cut shor
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import signal
 import threading
 import types
-
-log = logging.getLogger(__name__)
+from collections.abc import Iterator
 
 EXIT_CODE = 128 + signal.SIGTERM  # what a process killed by SIGTERM reports
 
@@ -30,9 +29,15 @@ def _stop(signum: int, frame: types.FrameType | None) -> None:
     raise StopRequested(f"signal {signal.Signals(signum).name}")
 
 
-def stop_on_sigterm() -> bool:
-    """Installs the handler (main thread only; elsewhere a no-op returning False)."""
+@contextlib.contextmanager
+def stopping_on_sigterm() -> Iterator[None]:
+    """Inside the block SIGTERM raises :class:`StopRequested`; the previous handler is back afterwards (main thread
+    only: elsewhere Python cannot set signal handlers, and the block runs unchanged)."""
     if threading.current_thread() is not threading.main_thread():
-        return False
-    signal.signal(signal.SIGTERM, _stop)
-    return True
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
