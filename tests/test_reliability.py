@@ -145,6 +145,28 @@ def test_changed_experiment_is_refused_in_a_finished_run_dir(reference, messy_ro
     assert file_states(run_dir) == before
 
 
+def test_a_run_made_before_a_config_key_existed_is_still_the_same_experiment(reference, messy_root, no_model_load,
+                                                                           caplog):
+    """A finished run whose config.json lacks a key added to the schema since (a new speed-up flag, say) is skipped as
+    the same experiment, not refused; a saved key whose value differs is still a difference."""
+    run_dir = Path(reference.run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    older = json.loads(json.dumps(saved))
+    del older["objective"]["share_prompt_prefix"]
+    (run_dir / "config.json").write_text(json.dumps(older))
+    try:
+        with caplog.at_level(logging.INFO):
+            again = training.run(run_config(messy_root, run_dir.parents[2]))
+        assert again.finished and any("already finished, skipped" in r.getMessage() for r in caplog.records)
+        changed = json.loads(json.dumps(older))
+        changed["objective"]["beta"] = 0.5
+        (run_dir / "config.json").write_text(json.dumps(changed))
+        with pytest.raises(ConfigError, match="a different objective config"):
+            training.run(run_config(messy_root, run_dir.parents[2]))
+    finally:
+        (run_dir / "config.json").write_text(json.dumps(saved))
+
+
 # ------------------------------------------------------------------------------------------------ reproducibility
 
 

@@ -156,12 +156,21 @@ def holds_results(path: Path) -> bool:
             or (metrics.exists() and metrics.stat().st_size > 0) or (path / "adapter").exists())
 
 
+def _differs(saved: Any, current: Any) -> bool:
+    """Whether a saved config value is another experiment than the current one. A key the saved config lacks was
+    added to the schema after the run was made; new keys default to the computation runs had before (or one equal
+    to it up to float rounding, like the speed-ups), so it is not a difference."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return any(key not in current or _differs(value, current[key]) for key, value in saved.items())
+    return saved != current
+
+
 def check_same_experiment(path: Path, resolved: dict[str, Any], kind: RunKind) -> None:
     """Refuses a run directory that holds another experiment (differing SECTIONS), naming what differs."""
     saved = saved_config(path)
     if saved is None:
         return
-    differing = [k for k in SECTIONS[kind] if saved.get(k) != resolved.get(k)]
+    differing = [k for k in SECTIONS[kind] if _differs(saved.get(k), resolved.get(k))]
     if differing and not holds_results(path):
         log.warning("%s holds only the config of an attempt that produced nothing (a different %s); starting over",
                     path, ", ".join(differing))
