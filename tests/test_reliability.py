@@ -403,6 +403,30 @@ def test_sigterm_stops_training_at_once_and_the_run_resumes(reference, messy_roo
         assert b["train/num_tokens"] == a["train/num_tokens"], a["step"]  # the counter continues after a resume
 
 
+def test_a_requeued_job_that_keeps_restarting_at_the_same_point_stops_with_one_line(tiny_cfg, monkeypatch,
+                                                                                     no_model_load):
+    """Three earlier attempts started where this one would (no checkpoint, no record): under a requeued SLURM job
+    the run stops before loading anything, naming the time limit; a manual relaunch, or run.max_attempts_without_
+    progress=0, goes on."""
+    cfg = tiny_cfg()
+    run_dir = training.prepare(cfg).run_dir
+    run_dir.mkdir(parents=True)
+    stuck = json.dumps({"time": 0, "slurm_job": "7", "slurm_restart": 1, "progress": {"checkpoint": 0, "records": 0}})
+    (run_dir / rundir.ATTEMPTS_FILE).write_text((stuck + "\n") * 3)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    with pytest.raises(rundir.RunStalledError, match="last 3 attempts all started from .* hydra.launcher.timeout_min"):
+        training.run(cfg)
+    attempts = (run_dir / rundir.ATTEMPTS_FILE).read_text().splitlines()
+    assert len(attempts) == 4 and json.loads(attempts[-1])["slurm_restart"] == 3  # this attempt is on record too
+    for env, override in ((None, "run.max_attempts_without_progress=3"), ("3", "run.max_attempts_without_progress=0")):
+        if env is None:
+            monkeypatch.delenv("SLURM_RESTART_COUNT")
+        else:
+            monkeypatch.setenv("SLURM_RESTART_COUNT", env)
+        with pytest.raises(pytest.fail.Exception, match="a backbone was loaded"):  # past the check: it would train
+            training.run(tiny_cfg(override))
+
+
 def test_sigterm_raises_inside_the_block_only():
     from sempa_exp.launch.termination import StopRequested, stopping_on_sigterm
 

@@ -330,6 +330,9 @@ class RunConfig:
     skip_finished: bool = True  # a run whose results file exists is reported, not redone
     device: str = "auto"
     num_threads: Optional[int] = None
+    # A requeued SLURM job that restarts the run this many times in a row from the same point (same checkpoint, no new
+    # record) stops with an error naming the time limit, instead of looping until max_num_timeout. 0: never.
+    max_attempts_without_progress: int = 3
 
 
 @dataclass
@@ -468,6 +471,9 @@ def validate(cfg: Config) -> None:
     _positive("lora.alpha", cfg.lora.alpha)
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.run.max_attempts_without_progress < 0:
+        raise ConfigError(f"run.max_attempts_without_progress must be >= 0 (0: never stop), got "
+                          f"{cfg.run.max_attempts_without_progress}")
     t = cfg.trainer
     for key in ("learning_rate", "per_device_batch_size", "grad_accum_steps", "epochs", "max_length",
                 "checkpoint_every_samples", "log_every_steps"):

@@ -184,6 +184,8 @@ class TrainingRun:
                 self.evaluations = {e["step"]: e for e in group_evaluations(read_metrics(self.prep.run_dir))}
             elif dropped:
                 log.info("an earlier attempt's %d metric records moved to metrics.superseded.jsonl", dropped)
+            progress = {"checkpoint": max(step, 0), "records": len(read_metrics(self.prep.run_dir))}
+            rundir.record_attempt(self.prep.run_dir, progress, self.cfg.run.max_attempts_without_progress)
         return resume_from
 
     def execute(self) -> Results | None:

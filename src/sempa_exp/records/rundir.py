@@ -8,11 +8,14 @@ import logging
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from sempa_exp.config.schema import ConfigError
 
 CONFIG_FILE = "config.yaml"
 log = logging.getLogger(__name__)
@@ -113,6 +116,40 @@ def latest_checkpoint(checkpoints_dir: Path, set_aside: bool = True) -> Path | N
                 target, suffix = checkpoint.with_name(f"damaged-{checkpoint.name}.{suffix}"), suffix + 1
             os.replace(checkpoint, target)
     return None
+
+
+ATTEMPTS_FILE = "attempts.jsonl"  # one line per start of a run: when, which SLURM job, where it started from
+
+
+class RunStalledError(ConfigError):
+    """A requeued job keeps restarting a run at the same point (one line for the user, no traceback)."""
+
+
+def record_attempt(run_dir: Path, progress: dict, max_without_progress: int) -> None:
+    """Appends this start to the run's attempts; under a requeued SLURM job (SLURM_RESTART_COUNT > 0), refuses to go
+    on when the ``max_without_progress`` attempts before it all started from this same point: the job is stopped
+    each time before it records anything new (its time limit is too short for the next checkpoint or evaluation
+    suite), and submitit would requeue it until max_num_timeout. 0 disables the check; manual relaunches (no SLURM
+    restart) never trip it."""
+    path = run_dir / ATTEMPTS_FILE
+    earlier = []
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                earlier.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: that attempt's record is lost, nothing else
+                continue
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    with path.open("a") as f:
+        f.write(json.dumps({"time": time.time(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                            "slurm_restart": restarts, "progress": progress}) + "\n")
+    recent = [a.get("progress") for a in earlier[-max_without_progress:]] if max_without_progress > 0 else []
+    if restarts > 0 and len(recent) == max_without_progress > 0 and all(p == progress for p in recent):
+        raise RunStalledError(
+            f"{run_dir}: the last {max_without_progress} attempts all started from {progress} and recorded nothing "
+            f"new: the job's time limit ends each one before the next checkpoint or evaluation suite is done. Raise "
+            f"hydra.launcher.timeout_min (or lower trainer.checkpoint_every_samples) and relaunch; "
+            f"run.max_attempts_without_progress=0 keeps retrying")
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
