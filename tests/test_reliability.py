@@ -402,6 +402,20 @@ def test_sigterm_stops_training_at_once_and_the_run_resumes(reference, messy_roo
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5, abs=1e-7), a["step"]
         assert b["train/num_tokens"] == a["train/num_tokens"], a["step"]  # the counter continues after a resume
 
+    # what reaches W&B the documented way (sync_wandb from metrics.jsonl; offline here, what `wandb sync` uploads):
+    # every step of the stopped-and-resumed run once, in order, the resumed values, the counter continued
+    from wandb_offline import history
+
+    assert sync_wandb.main([str(run_dir), "--mode", "offline"]) == 0
+    (run_file,) = (run_dir / "wandb").glob(f"offline-run-*-{identity.wandb_run_id(run_dir)}/run-*.wandb")
+    rows = history(run_file)
+    steps = [r["_step"] for r in rows]
+    assert steps == sorted(set(steps)) and [r["_step"] for r in rows if "train/loss" in r] == list(range(1, 9))
+    local = {r["step"]: r for r in train_rows(run_dir)}
+    for row in (r for r in rows if "train/loss" in r):
+        assert row["train/loss"] == pytest.approx(local[row["_step"]]["train/loss"])
+        assert row["train/num_tokens"] == local[row["_step"]]["train/num_tokens"]
+
 
 def test_a_requeued_job_that_keeps_restarting_at_the_same_point_stops_with_one_line(tiny_cfg, monkeypatch,
                                                                                      no_model_load):
