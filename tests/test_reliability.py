@@ -441,6 +441,45 @@ def test_a_requeued_job_that_keeps_restarting_at_the_same_point_stops_with_one_l
             training.run(tiny_cfg(override))
 
 
+def test_a_finished_runs_offline_wandb_folder_holds_every_step_once_after_a_resume(tiny_cfg, monkeypatch):
+    """W&B offline, a run stopped at step 3 and resumed from checkpoint-2: two allocation folders with overlapping
+    steps (3 twice); once the run finishes they are replaced by one folder rebuilt from metrics.jsonl, so that `wandb
+    sync` of the run's wandb/ uploads each step once, in order."""
+    from sempa_exp.objectives.recipe import MetricsCallback
+    from wandb_offline import history
+
+    class Stopped(Exception):
+        pass
+
+    logged = MetricsCallback.on_log
+
+    def stop_at_3(self, args, state, control, logs=None, **kwargs):
+        logged(self, args, state, control, logs=logs, **kwargs)
+        if state.global_step == 3 and logs and "loss" in logs:
+            raise Stopped
+
+    cfg = tiny_cfg("logger=wandb", "logger.mode=offline", "eval.at_start=[]", "eval.at_checkpoint=[stsb_dev]",
+                   "eval.at_end=[stsb_dev]")
+    monkeypatch.setattr(MetricsCallback, "on_log", stop_at_3)
+    with pytest.raises(Stopped):
+        training.run(cfg)
+    run_dir = training.prepare(cfg).run_dir
+    run_id = identity.wandb_run_id(run_dir)
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
+    monkeypatch.setattr(MetricsCallback, "on_log", logged)
+    results = training.run(cfg)
+    assert results.finished
+    (folder,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
+    rows = history(next(folder.glob("run-*.wandb")))
+    steps = [r["_step"] for r in rows]
+    assert steps == sorted(set(steps)) == [1, 2, 3, 4]  # eval records share their step's row
+    local = read_metrics(run_dir)
+    for step in steps:
+        expected = {k: v for r in local if r["step"] == step for k, v in r.items() if k not in ("step", "time")}
+        got = next(r for r in rows if r["_step"] == step)
+        assert {k: got[k] for k in expected} == pytest.approx(expected), step
+
+
 def test_sigterm_raises_inside_the_block_only():
     from sempa_exp.launch.termination import StopRequested, stopping_on_sigterm
 

@@ -48,6 +48,7 @@ from sempa_exp.records.results import (
     write_results,
 )
 from sempa_exp.records.summary import print_training_summary
+from sempa_exp.records.wandb_sync import rebuild_offline
 
 log = logging.getLogger("sempa_exp")
 
@@ -235,6 +236,12 @@ class TrainingRun:
             return results
         finally:
             self.run_logger.finish(exit_code)
+            if exit_code == 0 and self.is_main and self.run_logger.wandb_mode == "offline":
+                try:
+                    rebuild_offline(run_dir)
+                except Exception as exc:  # W&B is never a reason to lose a run; sync_wandb can do it later
+                    log.warning("W&B offline history not rebuilt (%s); python -m sempa_exp.sync_wandb %s does it",
+                                exc, run_dir)
 
     def evaluate_generation(self, final_step: int) -> None:
         """gen.at_end: lm-eval benchmarks + perplexity proxy on the trained policy (PEFT, not merged)."""

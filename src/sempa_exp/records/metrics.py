@@ -103,6 +103,7 @@ class RunLogger:
         self.path = self.run_dir / METRICS_FILE
         self.enabled = enabled  # False on non-zero ranks
         self.wandb = None
+        self.wandb_mode: str | None = None  # the mode W&B started in (None: not started)
         if enabled and cfg.backend == "wandb":
             self._start_wandb(cfg, run_id=run_id, group=group, name=name, config=config)
 
@@ -113,6 +114,7 @@ class RunLogger:
         try:
             self.wandb = init_wandb_run(cfg, mode, run_id=run_id, group=group, name=name, config=config,
                                         run_dir=self.run_dir)
+            self.wandb_mode = mode
         except Exception as exc:  # W&B is never a reason to lose a run
             log.warning("W&B could not start (%s); metrics stay in %s and can be synced later", exc, self.path)
             self.wandb = None

@@ -71,3 +71,25 @@ def sync(run_dir: Path, *, mode: str | None = None, project: str | None = None, 
         run.finish(exit_code=exit_code)
     log.info("synced %d records of %s to W&B run %s", len(rows), run_dir, run_id)
     return run_id
+
+
+def rebuild_offline(run_dir: Path) -> Path | None:
+    """A finished run's offline W&B folder, rebuilt from metrics.jsonl: each allocation of a preempted or requeued run
+    left its own ``offline-run-*-<id>`` folder (overlapping steps, and holes where a killed one lost its last records);
+    they are replaced by one folder holding every step once, in order, so that ``wandb sync`` of the run's
+    ``wandb/`` uploads exactly the run's history. Returns the new folder (None when there was nothing offline)."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    run_id = identity.wandb_run_id(run_dir)
+    earlier = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    if not earlier:
+        return None
+    for folder in earlier:
+        shutil.rmtree(folder)
+    sync(run_dir, mode="offline")
+    rebuilt = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    log.info("W&B offline history of %s rebuilt from metrics.jsonl (%d allocation folders replaced): %s", run_dir,
+             len(earlier), rebuilt[-1] if rebuilt else None)
+    return rebuilt[-1] if rebuilt else None
+
