@@ -267,17 +267,19 @@ def test_a_degenerate_final_model_is_never_best_and_gives_the_sweeper_no_value(t
     """The final model's scores are NaN (a diverged model): the best checkpoint is an earlier one, the sweeper gets
     None (not NaN, which sweepers order arbitrarily), and the run skipped as finished gives the same answers."""
     real_evaluate = training.evaluate
-    calls: list[int] = []
+    encoders: list = []  # one encoder per step: 0, checkpoint 2, step 4 (its checkpoint and the end of training)
 
-    def degenerate_at_the_end(encoder, data, suites):  # step 0, checkpoint 2, checkpoint 4, end of training (4)
+    def degenerate_at_the_end(encoder, data, suites):
         metrics = real_evaluate(encoder, data, suites)
-        calls.append(len(calls))
-        return {k: NAN for k in metrics} if len(calls) > 2 else metrics
+        if not any(e is encoder for e in encoders):
+            encoders.append(encoder)  # kept alive: a new encoder cannot take an old one's id
+        index = next(i for i, e in enumerate(encoders) if e is encoder)
+        return {k: NAN for k in metrics} if index >= 2 else metrics
 
     monkeypatch.setattr(training, "evaluate", degenerate_at_the_end)
     cfg = tiny_cfg()
     results = training.run(cfg)
-    assert len(calls) == 4 and results.final_step == 4
+    assert len(encoders) == 3 and results.final_step == 4
     assert math.isnan(results.final["eval/stsb_dev"]) and math.isnan(results.final["eval/sts_avg"])
     finite = [e for e in results.evaluations if e["step"] < 4]
     assert results.best_by_stsb_dev == max(finite, key=lambda e: e["eval/stsb_dev"])
