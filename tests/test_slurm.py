@@ -44,6 +44,9 @@ def _needs_slurm():
     if reason:
         pytest.skip(reason)
 
+# Every wait below is a guard against a hang, never a condition of passing: generous for a slow, shared machine.
+GUARD_S = 900
+
 # Tiny backbone, 1 CPU per job, torch on one thread (results do not depend on how the node is shared).
 BASE = ["backbone=tiny", "trainer=cpu", "trainer.bf16=false", "trainer.per_device_batch_size=4",
         "trainer.grad_accum_steps=2", "trainer.max_length=512", "eval=geometry", "eval.geometry_sample=40",
@@ -66,7 +69,7 @@ def sweep_cmd(*overrides: str) -> list[str]:
     return [sys.executable, "-m", "sempa_exp.train", "-m", "cluster=local_slurm", *BASE, *overrides]
 
 
-def run_sweep(runs_dir: Path, data_root: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_sweep(runs_dir: Path, data_root: Path, *overrides: str, timeout: int = GUARD_S) -> subprocess.CompletedProcess:
     return subprocess.run(sweep_cmd(*overrides), cwd=REPO, env=_env(runs_dir, data_root), capture_output=True,
                           text=True, timeout=timeout)
 
@@ -200,7 +203,7 @@ def test_cancelled_run_is_reported_by_name_and_the_others_finish(tmp_path, slurm
     client = start_sweep(runs_dir, slurm_data, *sweep)
     second = None
     try:
-        ids = wait_for(lambda: len(job_ids(runs_dir, "cancel")) == 3 and job_ids(runs_dir, "cancel"), 120,
+        ids = wait_for(lambda: len(job_ids(runs_dir, "cancel")) == 3 and job_ids(runs_dir, "cancel"), GUARD_S,
                        "the sweep's submission")
         victim = next(name for name, job_id in ids.items() if job_id.endswith("_1"))  # the 2nd run of the array
         assert "epochs=30" in victim, ids
@@ -209,14 +212,14 @@ def test_cancelled_run_is_reported_by_name_and_the_others_finish(tmp_path, slurm
         second_log = tmp_path / "second_client.log"
         second = start_sweep(runs_dir, slurm_data, *sweep, log=second_log)
         # the victim is cancelled only once the second client has found it (else it would rightly submit it again)
-        wait_for(lambda: f"{victim}: still queued or running" in second_log.read_text(), 180,
+        wait_for(lambda: f"{victim}: still queued or running" in second_log.read_text(), GUARD_S,
                  "the second launch to find the victim's job")
         # cancelled in the middle of training: SIGTERM stops it
-        wait_for(lambda: (runs_dir / "cancel" / victim / "checkpoints" / "checkpoint-5").exists(), 180,
+        wait_for(lambda: (runs_dir / "cancel" / victim / "checkpoints" / "checkpoint-5").exists(), GUARD_S,
                  f"job {ids[victim]} to train")
         subprocess.run(["scancel", ids[victim]], check=True, timeout=30)
-        out, _ = client.communicate(timeout=300)
-        second.wait(timeout=120)
+        out, _ = client.communicate(timeout=GUARD_S)
+        second.wait(timeout=GUARD_S)
         out_second = second_log.read_text()
     finally:
         for proc in (client, second):
@@ -252,12 +255,12 @@ def test_a_task_cancelled_while_pending_ends_the_wait_and_is_reported(tmp_path, 
              "hydra.launcher.array_parallelism=1"]
     client = start_sweep(runs_dir, slurm_data, *sweep)
     try:
-        ids = wait_for(lambda: len(job_ids(runs_dir, "vanish")) == 2 and job_ids(runs_dir, "vanish"), 120,
+        ids = wait_for(lambda: len(job_ids(runs_dir, "vanish")) == 2 and job_ids(runs_dir, "vanish"), GUARD_S,
                        "the sweep's submission")
         waiting = next(name for name, job_id in ids.items() if job_id.endswith("_1"))
-        wait_for(lambda: squeue_state(ids[waiting]) == "PENDING", 120, f"job {ids[waiting]} to be pending")
+        wait_for(lambda: squeue_state(ids[waiting]) == "PENDING", GUARD_S, f"job {ids[waiting]} to be pending")
         subprocess.run(["scancel", ids[waiting]], check=True, timeout=30)
-        out, _ = client.communicate(timeout=600)  # the guard against the old endless wait, not a timing condition
+        out, _ = client.communicate(timeout=GUARD_S)  # the guard against the old endless wait, not a timing condition
     finally:
         if client.poll() is None:
             client.kill()
@@ -279,12 +282,12 @@ def test_preempted_run_is_requeued_resumes_and_matches_an_uninterrupted_run(tmp_
     client = start_sweep(runs_dir, slurm_data, "run.group=preempt", *config)
     try:
         ckpt = wait_for(lambda: next((runs_dir / "preempt").glob("*/checkpoints/checkpoint-5/trainer_state.json"),
-                                     None), 180, "the first checkpoint")
+                                     None), GUARD_S, "the first checkpoint")
         # A job of the "urgent" partition needing every CPU of the node preempts the training job (USR2, requeue).
         cpus = subprocess.run(["sinfo", "--noheader", "--format=%c"], capture_output=True, text=True).stdout.split()[0]
         subprocess.run(["sbatch", "--partition=urgent", f"--cpus-per-task={cpus}", "--job-name=urgent",
                         "--output=/dev/null", "--wrap=sleep 2"], check=True, capture_output=True, timeout=30)
-        out, _ = client.communicate(timeout=400)
+        out, _ = client.communicate(timeout=GUARD_S)
     finally:
         if client.poll() is None:
             client.kill()
@@ -319,7 +322,7 @@ def test_two_task_job_trains_with_ddp_like_one_process(tmp_path, slurm_data, ref
     started = time.time()
     try:
         proc = run_sweep(runs_dir, slurm_data, "run.group=ddp", "hydra.launcher.tasks_per_node=2", *common,
-                         "trainer.grad_accum_steps=1", timeout=240)
+                         "trainer.grad_accum_steps=1", timeout=GUARD_S)
     finally:
         cancel_leftovers(runs_dir, "ddp")
     seconds = time.time() - started
