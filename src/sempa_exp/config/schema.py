@@ -275,8 +275,9 @@ class EvalConfig:
     max_length: Optional[int] = None  # PromptEOL does not truncate
     geometry_sample: int = 2000  # first N distinct sentences of STS-B dev, in file order
     cache_embeddings: bool = True  # untrained-backbone embeddings are cached on disk
-    # A trained adapter is folded into the weights while its checkpoint is evaluated (the bare backbone's speed);
-    # bf16 rounds the folded weights, so scores can differ from the unmerged pass's in the last digits.
+    # A trained adapter is folded into the weights while its checkpoint is evaluated (the bare backbone's speed).
+    # Off: in bf16 the folded weights round away part of the delta (SmolLM2 smoke adapter: up to 0.13 on a task,
+    # bench/README.md).
     merge_adapter: bool = False
     gar_sample: int = 10000  # gar suite: a seeded sample of the distinct STS test sentences (evaluation.GAR_SAMPLE_DOC)
     gar_top_k: int = 10  # aligned tokens per sentence
