@@ -362,6 +362,10 @@ def install_completion_only_head(model: torch.nn.Module, outputs: tuple[str, ...
         if share_prompt and not args and given <= {"input_ids", "attention_mask", "use_cache"} and not (
                 self.is_activation_checkpointing and self.training):
             layout = shared_prompt_layout(kwargs["input_ids"], kwargs.get("attention_mask"), labels)
+        if share_prompt and layout is None and not getattr(self, "_told_full_sequences", False):
+            self._told_full_sequences = True  # the same numbers, only slower: said once, not per batch
+            log.info("share_prompt_prefix: a batch whose prompts cannot be shared (or gradient checkpointing) is "
+                     "scored as full sequences")
         if layout is not None:
             hidden = prefix_shared_hidden(self.base_model, kwargs["input_ids"], *layout)
         else:
