@@ -71,6 +71,27 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_cf
     assert two.final["eval/stsb_dev"] == pytest.approx(one.final["eval/stsb_dev"], abs=1e-3)
 
 
+def test_with_whole_steps_only_two_processes_match_one_process_at_every_step(tiny_cfg, data_root, tmp_path):
+    """30 pairs, 8 per step: the default's last step holds 6 and is another computation on 2 processes (accelerate
+    pads each process's last batch with pairs from the epoch's start); trainer.drop_partial_step trains the 3 whole
+    steps on both, and every step agrees."""
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith(("trainer.grad_accum_steps", "data.size"))]
+    common = [*DDP_OVERRIDES, "data.size=30", "trainer.drop_partial_step=true", "eval.at_start=[]",
+              "eval.at_checkpoint=[]", "eval.at_end=[stsb_dev]"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "sempa_exp.train", *overrides, *common, "trainer.grad_accum_steps=1", "run.group=two",
+           f"paths.data_dir={data_root}", f"paths.runs_dir={tmp_path / 'runs'}"]
+    proc = run_process_group(cmd, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = training.run(tiny_cfg(*common, "trainer.grad_accum_steps=2", "run.group=one"))
+    (two_dir,) = [p for p in (tmp_path / "runs" / "two").iterdir() if not p.name.startswith(".")]
+    two = read_results(two_dir)
+    assert two.train_pairs == one.train_pairs == 24 and two.samples_seen == one.samples_seen == 24
+    losses_one, losses_two = _train_losses(Path(one.run_dir)), _train_losses(two_dir)
+    assert [s for s, _ in losses_two] == [s for s, _ in losses_one] == [1, 2, 3]
+    assert [loss for _, loss in losses_two] == pytest.approx([loss for _, loss in losses_one], rel=1e-5)
+
+
 SLURM_TASK_1_OF_2 = {
     "SUBMITIT_EXECUTOR": "slurm",
     "SLURM_JOB_ID": "4242",

@@ -217,6 +217,11 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     max_steps: int = -1
     save_total_limit: Optional[int] = None
+    # Train only whole optimizer steps: the pairs past the last multiple of (per-device batch x accumulation x
+    # processes) are left out. False is ms-swift's (and TRL's) last, partial step, which is not the same computation on
+    # N processes as on one (accelerate pads each process's last batch with pairs from the epoch's start). True: an
+    # N-process run equals the one-process run with N x the accumulation at every step.
+    drop_partial_step: bool = False
 
 
 @dataclass

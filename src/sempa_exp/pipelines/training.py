@@ -161,6 +161,22 @@ class TrainingRun:
                  ", ".join(f"{k.removeprefix('eval/')}={v:.2f}" for k, v in metrics.items() if k.count("/") == 1))
         return metrics
 
+    def drop_partial_step(self, num_pairs: int) -> int:
+        """trainer.drop_partial_step: the training pairs cut to whole optimizer steps (the last rows of the subset's
+        order go, the same ones whatever the number of processes); returns how many are left."""
+        t = self.cfg.trainer
+        per_step = t.per_device_batch_size * t.grad_accum_steps * self.prep.world_size
+        whole = num_pairs // per_step * per_step
+        if whole == 0:
+            raise ConfigError(f"trainer.drop_partial_step: {num_pairs} training pairs do not fill one step of "
+                              f"{per_step} (per_device_batch_size x grad_accum_steps x {self.prep.world_size} "
+                              f"processes)")
+        if whole < num_pairs:
+            log.info("trainer.drop_partial_step: %d of %d pairs trained (%d whole steps of %d); the last %d left out",
+                     whole, num_pairs, whole // per_step, per_step, num_pairs - whole)
+            self.trainer.train_dataset = self.trainer.train_dataset.select(range(whole))
+        return whole
+
     def continue_counters(self, checkpoint: Path) -> None:
         """TRL counts the training tokens seen (``train/num_tokens``) in the trainer object, which a resume builds
         anew: the count starts again from the value logged at the checkpoint's step, not from 0."""
@@ -216,6 +232,8 @@ class TrainingRun:
                 log.warning("%d of %d pairs are left out: longer than trainer.max_length=%d tokens (ms-swift too)",
                             len(dataset) - num_pairs, len(dataset), cfg.trainer.max_length)
             t = cfg.trainer
+            if t.drop_partial_step:
+                num_pairs = self.drop_partial_step(num_pairs)
             self.clock = SampleClock(num_pairs, t.per_device_batch_size, t.grad_accum_steps, prep.world_size)
             self.evaluate_step(0, cfg.eval.at_start, untrained=True)
             started = time.time()
