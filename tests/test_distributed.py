@@ -39,18 +39,25 @@ def run_process_group(cmd: list[str], timeout: float) -> subprocess.CompletedPro
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def train_on_two_processes(data_root: Path, tmp_path: Path, *overrides: str) -> None:
+    """`python -m sempa_exp.train` under torchrun, 2 gloo processes x 4 pairs x 1 accumulation, group "two"; later
+    overrides replace the tiny defaults they name."""
+    named = {o.split("=", 1)[0] for o in overrides}
+    base = [o for o in TINY_OVERRIDES if o.split("=", 1)[0] not in named | {"trainer.grad_accum_steps"}]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "sempa_exp.train", *base, *overrides, "trainer.grad_accum_steps=1", "run.group=two",
+           f"paths.data_dir={data_root}", f"paths.runs_dir={tmp_path / 'runs'}"]
+    proc = run_process_group(cmd, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def _train_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in read_metrics(run_dir) if "train/loss" in r]
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_cfg, data_root, tmp_path):
     # two processes: 4 per device x 1 accumulation x 2 ranks = 8 samples per step
-    overrides = [o for o in TINY_OVERRIDES if not o.startswith("trainer.grad_accum_steps")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "sempa_exp.train", *overrides, *DDP_OVERRIDES, "trainer.grad_accum_steps=1", "run.group=two",
-           f"paths.data_dir={data_root}", f"paths.runs_dir={tmp_path / 'runs'}"]
-    proc = run_process_group(cmd, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_on_two_processes(data_root, tmp_path, *DDP_OVERRIDES)
     # one process (after: the two above found the caches cold): 4 per device x 2 accumulation = 8 samples per step
     one = training.run(tiny_cfg(*DDP_OVERRIDES, "trainer.grad_accum_steps=2", "run.group=one"))
 
@@ -75,14 +82,9 @@ def test_with_whole_steps_only_two_processes_match_one_process_at_every_step(tin
     """30 pairs, 8 per step: the default's last step holds 6 and is another computation on 2 processes (accelerate
     pads each process's last batch with pairs from the epoch's start); trainer.drop_partial_step trains the 3 whole
     steps on both, and every step agrees."""
-    overrides = [o for o in TINY_OVERRIDES if not o.startswith(("trainer.grad_accum_steps", "data.size"))]
     common = [*DDP_OVERRIDES, "data.size=30", "trainer.drop_partial_step=true", "eval.at_start=[]",
               "eval.at_checkpoint=[]", "eval.at_end=[stsb_dev]"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "sempa_exp.train", *overrides, *common, "trainer.grad_accum_steps=1", "run.group=two",
-           f"paths.data_dir={data_root}", f"paths.runs_dir={tmp_path / 'runs'}"]
-    proc = run_process_group(cmd, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_on_two_processes(data_root, tmp_path, *common)
     one = training.run(tiny_cfg(*common, "trainer.grad_accum_steps=2", "run.group=one"))
     (two_dir,) = [p for p in (tmp_path / "runs" / "two").iterdir() if not p.name.startswith(".")]
     two = read_results(two_dir)
