@@ -245,6 +245,24 @@ def test_launch_waits_for_every_run_and_reports_each_by_name(tmp_path, capsys, c
         "  #5 lr/r5: finished (job 5 of an earlier launch)"]
 
 
+def test_a_job_that_stopped_with_a_user_message_is_reported_with_it(tmp_path, capsys):
+    """A run that refuses to go on (a stalled requeue, a damaged record) exits with one line for the user and leaves
+    no result: the sweep reports that line by run name, not only the job's state."""
+    plans = [planned(tmp_path, i) for i in range(2)]
+    stopped = FakeJob("0", error=UncompletedJobError("job 0 has not produced any output"), state="FAILED")
+    stopped.paths.stderr = tmp_path / "0_0_log.err"
+    stopped.paths.stderr.write_text("Traceback? no:\n[sempa-exp] error: /runs/lr/r0: the last 3 attempts all started "
+                                    "from {'checkpoint': 0}\nsrun: error: task 0: Exited with exit code 2\n")
+    silent = FakeJob("1", error=UncompletedJobError("no output"), state="FAILED")  # its log does not exist
+    with pytest.raises(SweepError) as err:
+        StubLocalLauncher(plans, {0: stopped, 1: silent}).launch([p.overrides for p in plans], 0)
+    assert str(err.value).splitlines()[1:] == [
+        "  lr/r0 (job 0): FAILED: /runs/lr/r0: the last 3 attempts all started from {'checkpoint': 0} "
+        f"(log: {tmp_path / '0_0_log.err'})",
+        "  lr/r1 (job 1): FAILED (log: /logs/1_0_log.err)"]
+    assert "#0 lr/r0: NOT FINISHED: FAILED: /runs/lr/r0: the last 3" in capsys.readouterr().out
+
+
 def test_a_launch_where_every_run_finishes_returns_their_values_in_order(tmp_path, capsys):
     plans = [planned(tmp_path, i) for i in range(3)]
     finished(plans[1], 70.0).skip_reason = "already finished"

@@ -1,12 +1,14 @@
 """Sweeps through hydra/launcher=submitit_slurm against a real SLURM (launch/slurm_local.sh start): one job array per
-sweep, real preemption with requeue and resume, a cancelled run reported by name, a relaunch that recomputes nothing,
-and a two-task (one process per GPU) DDP job. Run with ``pytest -m slurm``; the cluster profile is cluster=local_slurm.
+sweep, real preemption with requeue and resume, a real time limit (resumed over several allocations; a run that
+cannot fit stops and says so), a cancelled run reported by name, a relaunch that recomputes nothing, and a two-task
+(one process per GPU) DDP job. Run with ``pytest -m slurm``; the cluster profile is cluster=local_slurm.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import torch
 
 from conftest import compose_config, make_data_root
 from sempa_exp.pipelines import training
+from sempa_exp.records import identity
 from sempa_exp.records.metrics import read_metrics
 from sempa_exp.records.results import Results
 
@@ -66,7 +69,9 @@ def _env(runs_dir: Path, data_root: Path) -> dict[str, str]:
 
 
 def sweep_cmd(*overrides: str) -> list[str]:
-    return [sys.executable, "-m", "sempa_exp.train", "-m", "cluster=local_slurm", *BASE, *overrides]
+    given = {o.split("=", 1)[0] for o in overrides}  # an override of a BASE key replaces it
+    base = [o for o in BASE if o.split("=", 1)[0] not in given]
+    return [sys.executable, "-m", "sempa_exp.train", "-m", "cluster=local_slurm", *base, *overrides]
 
 
 def run_sweep(runs_dir: Path, data_root: Path, *overrides: str, timeout: int = GUARD_S) -> subprocess.CompletedProcess:
@@ -312,6 +317,100 @@ def test_preempted_run_is_requeued_resumes_and_matches_an_uninterrupted_run(tmp_
     final = {k: v for k, v in resumed["final"].items() if k != "eval/seconds"}
     assert final == {k: v for k, v in reference.final.items() if k != "eval/seconds"}
     print(f"preempted + requeued run: {seconds:.0f} s")
+
+
+# --------------------------------------------------------------------------- time limits
+
+# A 2-minute limit with USR2 60 s before it: each allocation trains about a minute, then submitit checkpoints and
+# requeues itself. (Below 10 minutes submitit counts every USR2 as a timeout, against max_num_timeout.)
+TIME_LIMIT = ["hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60"]
+
+
+def starts_and_timeouts(runs_dir: Path, group: str, job_id: str) -> tuple[int, int]:
+    """How often the job started, and how often submitit took a USR2 for a timeout (its logger's lines in the job's
+    stdout logs; its "Requeued job" line can be lost to the kill that the requeue itself triggers)."""
+    files = sorted((runs_dir / group / ".hydra").glob(f"sweep_*/.submitit/{job_id}/{job_id}_0_log.out"))
+    logs = "\n".join(f.read_text(errors="replace") for f in files)
+    assert "this job is preempted" not in logs
+    starts = re.findall(r"^submitit INFO \([^)]*\) - Starting with JobEnvironment", logs, re.M)
+    timeouts = re.findall(r"^submitit INFO \([^)]*\) - Job has timed out\.", logs, re.M)
+    return len(starts), len(timeouts)
+
+
+def test_time_limited_run_requeues_itself_resumes_and_matches_an_uninterrupted_run(tmp_path, slurm_data,
+                                                                                 reference_run):
+    """The run needs several allocations of its time limit; it resumes from its checkpoints each time and ends with
+    the same losses, evaluations and final scores as a run that was never stopped."""
+    runs_dir = tmp_path / "runs"
+    # 32 epochs of 20 steps (here about 285 steps fit in an allocation), a checkpoint every 5 (every allocation
+    # reaches several), the final evaluation saved suite by suite
+    config = [*LONG, "trainer.epochs=32", "eval.at_end=[geometry,stsb_dev]"]
+    started = time.time()
+    try:
+        proc = run_sweep(runs_dir, slurm_data, "run.group=limit", *config, *TIME_LIMIT, "logger=wandb",
+                         "logger.mode=offline", timeout=2 * GUARD_S)
+    finally:
+        cancel_leftovers(runs_dir, "limit")
+    seconds = time.time() - started
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = run_dirs(runs_dir, "limit")
+    job_id = job_ids(runs_dir, "limit")[run_dir.name]
+    logs = submitit_logs(runs_dir, "limit", job_id)
+    starts, timeouts = starts_and_timeouts(runs_dir, "limit", job_id)
+    assert timeouts >= 1 and starts == timeouts + 1 and "resuming from" in logs, logs[-3000:]
+    attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert len(attempts) == starts and [a["slurm_restart"] for a in attempts] == list(range(len(attempts)))
+    progress = [(a["progress"]["checkpoint"], a["progress"]["records"]) for a in attempts]
+    assert progress == sorted(set(progress)), progress  # every allocation started further on than the one before
+
+    resumed = json.loads((run_dir / "results.json").read_text())
+    reference = reference_run(slurm_data, tmp_path / "reference", "run.group=limit", *config)
+    assert resumed["final_step"] == reference.final_step == 640
+    losses = train_losses(run_dir)
+    assert [s for s, _ in losses] == list(range(1, 641))
+    assert losses == train_losses(Path(reference.run_dir))
+    assert [e["step"] for e in resumed["evaluations"]] == [e["step"] for e in reference.evaluations]
+    final = {k: v for k, v in resumed["final"].items() if k != "eval/seconds"}
+    assert final == {k: v for k, v in reference.final.items() if k != "eval/seconds"}
+    tokens = [(r["step"], r["train/num_tokens"]) for r in read_metrics(run_dir) if "train/num_tokens" in r]
+    assert tokens == [(r["step"], r["train/num_tokens"]) for r in read_metrics(Path(reference.run_dir))
+                      if "train/num_tokens" in r]  # the counter continues across allocations
+
+    # What W&B gets: each allocation left an offline folder; the finished run replaced them with one rebuilt from
+    # metrics.jsonl, which `wandb sync` uploads: every step once, in order, with the run's values.
+    from wandb_offline import history
+
+    (run_file,) = (run_dir / "wandb").glob(f"offline-run-*-{identity.wandb_run_id(run_dir)}/run-*.wandb")
+    synced = [(r["_step"], r["train/loss"]) for r in history(run_file) if "train/loss" in r]
+    assert [s for s, _ in synced] == list(range(1, 641))
+    assert [v for _, v in synced] == pytest.approx([v for _, v in losses])
+    print(f"time-limited run: {timeouts} timeouts, {len(attempts)} allocations, {seconds:.0f} s")
+
+
+def test_run_that_cannot_fit_its_time_limit_stops_and_says_so(tmp_path, slurm_data):
+    """No checkpoint before the end of a run far longer than one allocation: every requeued attempt would start from
+    the beginning again. After run.max_attempts_without_progress such attempts the job stops with a message naming
+    the run and what to change, instead of requeueing until max_num_timeout is used up."""
+    runs_dir = tmp_path / "runs"
+    config = [*LONG, "trainer.epochs=1000", "trainer.checkpoint_every_samples=160000",
+              "run.max_attempts_without_progress=1"]
+    try:
+        proc = run_sweep(runs_dir, slurm_data, "run.group=nofit", *config, *TIME_LIMIT, timeout=2 * GUARD_S)
+    finally:
+        cancel_leftovers(runs_dir, "nofit")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    (run_dir,) = run_dirs(runs_dir, "nofit")
+    job_id = job_ids(runs_dir, "nofit")[run_dir.name]
+    assert "SweepError: 1 of 1 runs did not finish" in out
+    line = next(x for x in out.splitlines() if f"nofit/{run_dir.name} (job {job_id}):" in x)
+    # the run's own message, from the job's log, by run name
+    assert "FAILED: " in line and "recorded nothing new" in line and "hydra.launcher.timeout_min" in line, line
+    assert starts_and_timeouts(runs_dir, "nofit", job_id) == (2, 1)  # one requeue, then the stop: no loop
+    attempts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [a["slurm_restart"] for a in attempts] == [0, 1]
+    assert not (run_dir / "results.json").exists()
+    assert sacct_states(job_id)[-1] == "FAILED"
 
 
 # --------------------------------------------------------------------------- one process per GPU

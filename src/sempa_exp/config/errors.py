@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from sempa_exp.config.schema import ConfigError
 
 USER_ERROR_EXIT = 2
+USER_ERROR_PREFIX = "[sempa-exp] error: "  # the sweep client finds a job's message in its log by it
 
 
 @contextmanager
@@ -24,5 +25,5 @@ def reporting_user_errors() -> Iterator[None]:
     except ConfigError as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"[sempa-exp] error: {exc}", file=sys.stderr, flush=True)
+        print(f"{USER_ERROR_PREFIX}{exc}", file=sys.stderr, flush=True)
         raise SystemExit(USER_ERROR_EXIT) from None

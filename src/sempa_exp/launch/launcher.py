@@ -31,7 +31,7 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQueueConf, SlurmQueueConf
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sempa_exp.config.errors import reporting_user_errors
+from sempa_exp.config.errors import USER_ERROR_PREFIX, reporting_user_errors
 from sempa_exp.records import identity, rundir
 from sempa_exp.records.results import is_finished, read_results, sweep_objective
 
@@ -120,6 +120,16 @@ class PlannedRun:
     @property
     def label(self) -> str:
         return f"{self.run_dir.parent.name}/{self.run_dir.name}"
+
+
+def user_error_in_log(log: Path) -> str | None:
+    """The last one-line message a job's run gave the user before it exited (see config.errors), if any."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    return next((line[len(USER_ERROR_PREFIX):] for line in reversed(lines) if line.startswith(USER_ERROR_PREFIX)),
+                None)
 
 
 class SweepLauncherMixin:
@@ -267,6 +277,9 @@ class SweepLauncherMixin:
                 except Exception as exc:  # no result: cancelled, timed out, killed, node failure, ...
                     detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                     reason = job.state if isinstance(exc, UncompletedJobError) else f"{job.state}: {detail}"
+                    told = user_error_in_log(Path(job.paths.stderr))
+                    if told:  # the run stopped itself with a message for the user (its process exited, no result)
+                        reason = f"{job.state}: {told}"
                     if is_finished(plan.run_dir):  # killed after writing its results: the run is complete
                         log.warning("%s: job %s ended %s after the run finished", plan.label, job.job_id, reason)
                         outcome = self._skipped_return(plan)
