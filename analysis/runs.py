@@ -46,6 +46,7 @@ METHOD_LABELS = {
     "contrastive_prompting": "Contrastive Prompting",
     "token_prepending": "Token Prepending",
     "sempa": "SemPA",
+    "listwise": "Listwise SemPA (Plackett-Luce)",
     "contrastive": "Contrastive fine-tuning (foil)",
     "sbert": "SBERT encoder",
 }

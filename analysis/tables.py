@@ -242,7 +242,7 @@ def template_table(runs: list[RunRecord], metric: str = STS_AVG) -> Table:
 
 
 GEOMETRY_METHODS = ("mean", "prompteol", "sempa")
-TRAINED_METHODS = ("sempa", "contrastive")
+TRAINED_METHODS = ("sempa", "listwise", "contrastive")
 METHOD_EMBED = {"mean": "mean", "prompteol": "prompteol", "pretended_cot": "pretended_cot"}
 
 

@@ -50,7 +50,7 @@ def test_the_tree_has_the_expected_groups():
     groups = {g for g, _ in _group_options()}
     assert {"backbone", "template", "embed", "data", "lora", "trainer", "objective", "eval", "logger"} <= groups
     assert _options("template") == ["p1", "p2", "p3", "p4", "p5"]
-    assert _options("objective") == ["contrastive", "sempa"]
+    assert _options("objective") == ["contrastive", "listwise", "sempa"]
     assert _options("trainer") == ["cpu", "sempa"]  # the recipe only: objectives are their own group
 
 

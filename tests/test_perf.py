@@ -309,9 +309,9 @@ def test_two_processes_share_the_cache_without_deadlock(data_root, tmp_path):
     assert cold[0]["ref"] == cold[1]["ref"] == warm[0]["ref"] == warm[1]["ref"]
 
 
-def counted(calls: list, real, batch, k):
+def counted(calls: list, real, batch, k, *groups):
     calls.append(k)
-    return real(batch, k)
+    return real(batch, k, *groups)
 
 
 def test_a_token_budget_trains_in_equal_chunks_with_the_same_losses_and_metrics(tiny_cfg, tmp_path):

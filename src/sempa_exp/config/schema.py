@@ -258,6 +258,34 @@ class SempaObjectiveConfig:
     max_tokens_per_micro_batch: Optional[int] = None
 
 
+class OtherHypotheses(Choice):
+    """Which hypotheses of other premises listwise SemPA ranks below the entailment."""
+
+    entailment = "entailment"  # SimCSE's in-batch negatives: other premises' entailments
+    contradiction = "contradiction"
+    both = "both"  # each draw takes the entailment or the contradiction of the other premise at random
+
+
+@dataclass
+class ListwiseObjectiveConfig(SempaObjectiveConfig):
+    """``objective=listwise``: listwise SemPA. The implicit reward beta * (log pi(y|x) - log pi_ref(y|x)) of the
+    entailment is ranked above ``num_negatives`` negatives under Plackett-Luce: loss = -log softmax over (chosen,
+    negatives) of the rewards, at the chosen one (sempa_exp.objectives.listwise). With one negative, the contradiction,
+    it is DPO's sigmoid loss. Everything else is SemPA's (recipe, reference = adapter off, precomputed reference)."""
+
+    _target_: str = "sempa_exp.objectives.listwise.ListwiseObjective"
+    name: str = "listwise"
+    num_negatives: int = 3  # K: the premise's contradiction (include_contradiction) + hypotheses of other premises
+    include_contradiction: bool = True
+    other_hypotheses: OtherHypotheses = OtherHypotheses.both
+    # The other premises' hypotheses of each example are drawn once, from the whole training set with `seed` (a
+    # premise never gets a hypothesis of its own premise text), not from the random batch it lands in: so their
+    # reference log-probs can be precomputed and cached like the pairs'.
+    negatives_seed: Optional[int] = None  # None: the run's top-level `seed`
+    # regrouping a step's micro-batches by length is written for pairs; a listwise batch keeps the sampler's order
+    sort_within_step: bool = False
+
+
 @dataclass
 class ContrastiveObjectiveConfig:
     """``objective=contrastive``: the foil, SimCSE's supervised InfoNCE on the embed prompt's embeddings of (premise,
@@ -380,7 +408,7 @@ class Config:
     data: DataConfig = MISSING
     lora: LoraConfig = MISSING
     trainer: TrainerConfig = MISSING
-    objective: Any = MISSING  # SempaObjectiveConfig | ContrastiveObjectiveConfig (conf/objective/)
+    objective: Any = MISSING  # Sempa-, ListwiseObjectiveConfig | ContrastiveObjectiveConfig (conf/objective/)
     eval: EvalConfig = MISSING
     gen: GenConfig = field(default_factory=GenConfig)
     method: Optional[MethodConfig] = None  # set by the evaluate entry (conf/evaluate.yaml); training has none
@@ -409,11 +437,21 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
     cs.store(group="objective", name="sempa_schema", node=SempaObjectiveConfig)
     cs.store(group="objective", name="contrastive_schema", node=ContrastiveObjectiveConfig)
+    cs.store(group="objective", name="listwise_schema", node=ListwiseObjectiveConfig)
 
 
 def _positive(key: str, value: float | int) -> None:
     if value is None or value <= 0:
         raise ConfigError(f"{key} must be > 0, got {value!r}")
+
+
+def _validate_listwise(o: ListwiseObjectiveConfig) -> None:
+    _positive("objective.num_negatives", o.num_negatives)
+    if str(o.loss_type) != "sigmoid":
+        raise ConfigError(f"objective.loss_type={o.loss_type}: listwise SemPA is the Plackett-Luce (softmax) "
+                          f"generalisation of the sigmoid loss only")
+    if o.sort_within_step:
+        raise ConfigError("objective.sort_within_step=true regroups DPO pairs; listwise batches need false")
 
 
 def global_batch_size(trainer: TrainerConfig, world_size: int = 1) -> int:
@@ -505,10 +543,12 @@ def validate(cfg: Config) -> None:
         _positive("objective.beta", cfg.objective.beta)
         if cfg.objective.max_tokens_per_micro_batch is not None:
             _positive("objective.max_tokens_per_micro_batch", cfg.objective.max_tokens_per_micro_batch)
+        if isinstance(cfg.objective, ListwiseObjectiveConfig):
+            _validate_listwise(cfg.objective)
     elif isinstance(cfg.objective, ContrastiveObjectiveConfig):
         _positive("objective.temperature", cfg.objective.temperature)
     elif cfg.objective is not None:
-        raise ConfigError("objective: choose one of conf/objective/ (objective=sempa | objective=contrastive)")
+        raise ConfigError("objective: choose one of conf/objective/ (objective=sempa | listwise | contrastive)")
     _positive("eval.batch_size", cfg.eval.batch_size)
     if cfg.eval.geometry_sample < 2:
         raise ConfigError(f"eval.geometry_sample must be >= 2, got {cfg.eval.geometry_sample}")

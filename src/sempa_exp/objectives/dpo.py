@@ -53,7 +53,7 @@ from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 from trl.trainer import dpo_trainer as trl_dpo_module
 from trl.trainer.utils import FusedCausalLMOutput, global_then_local_main_first
 
-from sempa_exp.config.schema import Config, ConfigError
+from sempa_exp.config.schema import Config, ConfigError, ListwiseObjectiveConfig
 from sempa_exp.models.backbones import backbone_fingerprint
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,10 @@ def cache_ingredients(cfg: Config, tokenizer: PreTrainedTokenizerBase, use_cpu: 
         "turn_end": None if cfg.objective.score_template_tail else (cfg.backbone.turn_end or tokenizer.eos_token),
         "versions": [trl.__version__, transformers.__version__],
     }
+    if isinstance(cfg.objective, ListwiseObjectiveConfig):  # another stream of pairs: K per triplet
+        o = cfg.objective
+        tokenize["listwise"] = [o.num_negatives, o.include_contradiction, str(o.other_hypotheses),
+                                cfg.seed if o.negatives_seed is None else o.negatives_seed]
     reference = {
         **tokenize,
         "dtype": cfg.backbone.dtype,
@@ -264,12 +268,15 @@ def prepared_data_cache(cfg: Config, tokenizer: PreTrainedTokenizerBase, use_cpu
 
 
 def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                         labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(prompt length, completion length) per row when the batch is a preference batch whose prompts can be shared:
-    rows ``[chosen_0..chosen_n-1, rejected_0..rejected_n-1]``, each the prompt, then the labelled completion, then
-    padding, and row ``i`` and row ``n + i`` with the same prompt. None when the batch is anything else."""
+                         labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(prompt length, completion length) per row and the number of groups g when the batch is a preference batch
+    whose prompts can be shared: rows ``[group 0: rows 0..n-1, group 1: rows n..2n-1, ...]`` (a DPO batch: chosen,
+    rejected; a listwise one: chosen, then each negative), each the prompt, then the labelled completion, then
+    padding, and rows ``i``, ``n + i``, ``2n + i``, ... with the same prompt. The largest such g is taken (rows with
+    token-identical prompts give the same hidden states whichever group holds them). None when the batch is anything
+    else."""
     rows, length = labels.shape
-    if rows % 2 or length < 2:
+    if rows < 2 or length < 2:
         return None
     labelled = labels != -100
     completion = labelled.sum(1)
@@ -282,28 +289,31 @@ def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor |
         return None
     if attention_mask is not None and not torch.equal(attention_mask.bool(), real):
         return None
-    n = rows // 2
-    if not torch.equal(prompt[:n], prompt[n:]):
-        return None
-    in_prompt = positions < prompt[:n, None]
-    if not torch.equal(input_ids[:n] * in_prompt, input_ids[n:] * in_prompt):
-        return None
-    return prompt, completion
+    for groups in range(rows, 1, -1):
+        if rows % groups:
+            continue
+        n = rows // groups
+        in_prompt = positions < prompt[:n, None]
+        if all(torch.equal(prompt[:n], prompt[g * n:(g + 1) * n]) and
+               torch.equal(input_ids[:n] * in_prompt, input_ids[g * n:(g + 1) * n] * in_prompt)
+               for g in range(1, groups)):
+            return prompt, completion, groups
+    return None
 
 
 def prefix_shared_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, prompt: torch.Tensor,
-                         completion: torch.Tensor) -> torch.Tensor:
+                         completion: torch.Tensor, groups: int = 2) -> torch.Tensor:
     """The decoder's last hidden states at the positions that predict the labelled tokens, in the row-major order of
-    ``hidden[:, :-1][labels[:, 1:] != -100]``, computed with each prompt run once for its two completions.
+    ``hidden[:, :-1][labels[:, 1:] != -100]``, computed with each prompt run once for its ``groups`` completions.
 
-    The n prompts run first (right padded) and keep their key/value cache; the 2n completions then run on a copy of
+    The n prompts run first (right padded) and keep their key/value cache; the completions then run on a copy of
     their prompt's cache, with their true positions (prompt length onwards) and the prompts' padding masked out. The
     first completion token is predicted by the prompt's last position; the completion's own last token predicts
-    nothing and is not fed. Per-token log-probs equal the two full sequences' (tests/test_perf.py) except that a
-    prompt token's dropout mask, where dropout is on, is shared by its two completions.
+    nothing and is not fed. Per-token log-probs equal the full sequences' (tests/test_perf.py) except that a prompt
+    token's dropout mask, where dropout is on, is shared by its completions.
     """
     rows = input_ids.shape[0]
-    n = rows // 2
+    n = rows // groups
     device = input_ids.device
     width = int(prompt.max())
     positions = torch.arange(width, device=device)
@@ -312,7 +322,7 @@ def prefix_shared_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, prom
     first = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
     # the hidden state that predicts completion token 0: the prompt's last position
     last = first.last_hidden_state[torch.arange(n, device=device), prompt[:n] - 1]
-    hidden = last.repeat(2, 1)[:, None]
+    hidden = last.repeat(groups, 1)[:, None]
     steps = int(completion.max()) - 1
     if steps > 0:
         offsets = torch.arange(steps, device=device)
@@ -320,8 +330,8 @@ def prefix_shared_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, prom
         gather = (prompt[:, None] + offsets).clamp(max=input_ids.shape[1] - 1)
         completion_ids = torch.gather(input_ids, 1, gather) * fed
         cache = first.past_key_values
-        cache.reorder_cache(torch.arange(n, device=device).repeat(2))
-        attention = torch.cat([prompt_mask.repeat(2, 1), fed.long()], dim=1)
+        cache.reorder_cache(torch.arange(n, device=device).repeat(groups))
+        attention = torch.cat([prompt_mask.repeat(groups, 1), fed.long()], dim=1)
         rest = decoder(input_ids=completion_ids, attention_mask=attention, past_key_values=cache,
                        position_ids=prompt[:, None] + offsets, use_cache=True).last_hidden_state
         hidden = torch.cat([hidden, rest], dim=1)
@@ -367,7 +377,7 @@ def install_completion_only_head(model: torch.nn.Module, outputs: tuple[str, ...
             log.info("share_prompt_prefix: a batch whose prompts cannot be shared (or gradient checkpointing) is "
                      "scored as full sequences")
         if layout is not None:
-            hidden = prefix_shared_hidden(self.base_model, kwargs["input_ids"], *layout)
+            hidden = prefix_shared_hidden(self.base_model, kwargs["input_ids"], *layout)  # (prompt, completion, groups)
         else:
             hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1][mask]
         head = self.get_output_embeddings()
@@ -422,46 +432,48 @@ def _uncollate(batch: dict) -> list[dict]:
     return examples
 
 
-def chunks_for_budget(pairs: Dataset, batch_size: int, max_tokens: int) -> int:
-    """The smallest divisor k of ``batch_size`` for which ``batch_size / k`` of the longest pairs, laid out as TRL
-    collates them (two sequences per pair, padded to the longest), fit ``max_tokens``; ``batch_size`` when not even
-    one pair does (with a warning)."""
+def chunks_for_budget(pairs: Dataset, batch_size: int, max_tokens: int, sequences: int = 2) -> int:
+    """The smallest divisor k of ``batch_size`` for which ``batch_size / k`` of the longest examples, laid out as they
+    are collated (``sequences`` per example: 2 for a DPO pair, padded to the longest), fit ``max_tokens``;
+    ``batch_size`` when not even one example does (with a warning)."""
     longest = max((len(p) + max(len(c), len(r)) for p, c, r in
                    zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"], strict=True)), default=0)
     for k in range(1, batch_size + 1):
-        if batch_size % k == 0 and batch_size // k * 2 * longest <= max_tokens:
+        if batch_size % k == 0 and batch_size // k * sequences * longest <= max_tokens:
             if k > 1:
-                log.info("objective.max_tokens_per_micro_batch=%d: each micro-batch of %d pairs trains in %d chunks "
-                         "of %d (longest pair: %d tokens per sequence)", max_tokens, batch_size, k, batch_size // k,
+                log.info("objective.max_tokens_per_micro_batch=%d: each micro-batch of %d examples trains in %d "
+                         "chunks of %d (longest sequence: %d tokens)", max_tokens, batch_size, k, batch_size // k,
                          longest)
             return k
-    log.warning("objective.max_tokens_per_micro_batch=%d is below one pair (2 x %d tokens): training one pair at a "
-                "time", max_tokens, longest)
+    log.warning("objective.max_tokens_per_micro_batch=%d is below one example (%d x %d tokens): training one at a "
+                "time", max_tokens, sequences, longest)
     return batch_size
 
 
-def split_pairs(batch: dict, chunks: int) -> list[dict]:
-    """A collated preference batch (rows [chosen..., rejected...], per-pair columns of n rows) as ``chunks`` batches of
-    consecutive pairs, each cut to its own longest sequence. Fewer pieces when the batch has fewer pairs."""
-    n = batch["input_ids"].shape[0] // 2
+def split_pairs(batch: dict, chunks: int, groups: int = 2) -> list[dict]:
+    """A collated preference batch (rows in ``groups`` groups of n: [chosen..., rejected...] for DPO; per-example
+    columns of n rows) as ``chunks`` batches of consecutive examples, each cut to its own longest sequence. Fewer
+    pieces when the batch has fewer examples."""
+    n = batch["input_ids"].shape[0] // groups
     if chunks <= 1 or n <= 1:
         return [batch]
     size = -(-n // chunks)
     pieces = []
     for start in range(0, n, size):
         stop = min(start + size, n)
-        rows = torch.cat([torch.arange(start, stop), torch.arange(n + start, n + stop)]).to(batch["input_ids"].device)
+        rows = torch.cat([torch.arange(g * n + start, g * n + stop) for g in range(groups)]).to(
+            batch["input_ids"].device)
         width = int(batch["attention_mask"][rows].sum(1).max())
         piece = {}
         for key, value in batch.items():
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
                 piece[key] = value
-            elif value.shape[0] == 2 * n:
+            elif value.shape[0] == groups * n:
                 piece[key] = value[rows][:, :width] if value.dim() == 2 else value[rows]
             elif value.shape[0] == n:
                 piece[key] = value[start:stop]
             else:
-                raise ValueError(f"cannot split the batch column {key!r} of shape {tuple(value.shape)} by pairs")
+                raise ValueError(f"cannot split the batch column {key!r} of shape {tuple(value.shape)} by examples")
         pieces.append(piece)
     return pieces
 
@@ -469,6 +481,8 @@ def split_pairs(batch: dict, chunks: int) -> list[dict]:
 class SempaDPOTrainer(DPOTrainer):
     """DPOTrainer + the flags above. ``data_cache`` is used only together with TRL's ``precompute_ref_log_probs``
     for the reference log-probs; the tokenized pairs are cached whenever it is given."""
+
+    sequences_per_example = 2  # collated rows per training example: chosen and rejected
 
     def __init__(self, *positional, completion_only_logits: bool = False,
                  data_cache: PreparedDataCache | None = None, add_length_column: bool = False,
@@ -503,22 +517,24 @@ class SempaDPOTrainer(DPOTrainer):
         self.chunks = 1
         if max_tokens_per_micro_batch is not None and self.train_dataset is not None:
             self.chunks = chunks_for_budget(self.train_dataset, self.args.per_device_train_batch_size,
-                                            max_tokens_per_micro_batch)
+                                            max_tokens_per_micro_batch, self.sequences_per_example)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """With a token budget, the micro-batch is trained in ``self.chunks`` chunks of pairs. The Trainer divides a
         loss (a mean over its pairs) by ``current_gradient_accumulation_steps`` before the backward; set per chunk to
         weigh it by its share of the micro-batch's pairs, the micro-batch's gradient and logged loss are the unchunked
         ones. Under DDP only the last chunk's backward synchronises."""
-        pieces = split_pairs(inputs, self.chunks)
+        pieces = split_pairs(inputs, self.chunks, self.sequences_per_example)
         if len(pieces) == 1:
             return super().training_step(model, inputs, num_items_in_batch)
         accumulation = self.current_gradient_accumulation_steps
-        pairs = inputs["input_ids"].shape[0] // 2
+        per = self.sequences_per_example
+        examples = inputs["input_ids"].shape[0] // per
         try:
             total = None
             for i, piece in enumerate(pieces):
-                self.current_gradient_accumulation_steps = accumulation * pairs / (piece["input_ids"].shape[0] // 2)
+                in_piece = piece["input_ids"].shape[0] // per
+                self.current_gradient_accumulation_steps = accumulation * examples / in_piece
                 last = i == len(pieces) - 1
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
                     loss = super().training_step(model, piece, num_items_in_batch)

@@ -34,14 +34,20 @@ class SempaObjective(Objective):
             train_sampling_strategy="group_by_length" if o.group_by_length else "random",
         )
 
+    def trainer(self, **kwargs):
+        """The trainer class of this objective, built with ``kwargs``."""
+        from sempa_exp.objectives.dpo import SempaDPOTrainer
+
+        return SempaDPOTrainer(**kwargs)
+
     def build_trainer(self, cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                       dataset: Dataset, output_dir: Path, callbacks: list[TrainerCallback], world_size: int,
                       use_cpu: bool):
         """TRL's PEFT path: the reference is the backbone with the adapter disabled (no second model copy)."""
-        from sempa_exp.objectives.dpo import SempaDPOTrainer, prepared_data_cache, turn_end_ids
+        from sempa_exp.objectives.dpo import prepared_data_cache, turn_end_ids
 
         o = self.config
-        return SempaDPOTrainer(
+        return self.trainer(
             turn_end=None if o.score_template_tail else turn_end_ids(tokenizer, cfg.backbone.turn_end),
             completion_only_logits=o.completion_only_logits,
             data_cache=prepared_data_cache(cfg, tokenizer, use_cpu) if o.cache_prepared_data else None,
