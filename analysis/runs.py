@@ -47,6 +47,8 @@ METHOD_LABELS = {
     "token_prepending": "Token Prepending",
     "sempa": "SemPA",
     "listwise": "Listwise SemPA (Plackett-Luce)",
+    "autoregembed_align": "AutoRegEmbed",
+    "autoregembed_compress": "AutoRegEmbed, stage 1 only",
     "contrastive": "Contrastive fine-tuning (foil)",
     "sbert": "SBERT encoder",
 }

@@ -242,7 +242,8 @@ def template_table(runs: list[RunRecord], metric: str = STS_AVG) -> Table:
 
 
 GEOMETRY_METHODS = ("mean", "prompteol", "sempa")
-TRAINED_METHODS = ("sempa", "listwise", "contrastive")
+TRAINED_METHODS = ("sempa", "listwise", "contrastive", "autoregembed_align", "autoregembed_compress")
+TRAINED_EMBED = {"autoregembed_align": "autoregembed", "autoregembed_compress": "autoregembed"}  # else PromptEOL
 METHOD_EMBED = {"mean": "mean", "prompteol": "prompteol", "pretended_cot": "pretended_cot"}
 
 
@@ -267,7 +268,8 @@ def resolve(runs: list[RunRecord], backbone: str, method: str, metric: str) -> R
         run = pick(evaluations)
         return Resolved(run.value("final", metric), run, "final")
     if method in TRAINED_METHODS:
-        trained = [r for r in mine if r.is_training and r.method == method and r.embed == "prompteol"
+        trained = [r for r in mine if r.is_training and r.method == method and r.embed == TRAINED_EMBED.get(
+                   method, "prompteol")
                    and r.value("final", metric) is not None]
         if trained:
             run = pick(trained)

@@ -50,12 +50,13 @@ def test_the_tree_has_the_expected_groups():
     groups = {g for g, _ in _group_options()}
     assert {"backbone", "template", "embed", "data", "lora", "trainer", "objective", "eval", "logger"} <= groups
     assert _options("template") == ["p1", "p2", "p3", "p4", "p5"]
-    assert _options("objective") == ["contrastive", "listwise", "sempa"]
+    assert _options("objective") == ["autoregembed_align", "autoregembed_compress", "contrastive", "listwise", "sempa"]
     assert _options("trainer") == ["cpu", "sempa"]  # the recipe only: objectives are their own group
 
 
 # Options that by design need a value only the user can give (their YAML comment says which).
-USER_SUPPLIED = {("method", "checkpoint"): ["method.path=/runs/some_group/some_run"]}
+USER_SUPPLIED = {("method", "checkpoint"): ["method.path=/runs/some_group/some_run"],
+                 ("objective", "autoregembed_align"): ["objective.init_from=/runs/stage1/some_run"]}
 
 
 def _defaults_groups(primary: str) -> set[str]:

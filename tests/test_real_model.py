@@ -72,6 +72,23 @@ def test_smollm2_dpo_run_end_to_end(smollm2_cache, tmp_path, monkeypatch):
     assert "train/rewards/accuracies" in rows[-1]
 
 
+@needs_real
+def test_smollm2_listwise_run_end_to_end(smollm2_cache, tmp_path, monkeypatch):
+    """Listwise SemPA (3 negatives) on the real chat template: every example keeps its 3 pairs, the first step's loss
+    is log 4 (policy = reference), the rewards of each negative kind are logged."""
+    monkeypatch.setenv("SEMPA_CACHE_DIR", str(smollm2_cache))
+    cfg = compose_config([
+        "objective=listwise", "trainer=cpu", "data.size=16", "trainer.per_device_batch_size=4",
+        "trainer.grad_accum_steps=2", "trainer.checkpoint_every_samples=16", "eval=geometry", "eval.at_start=[]",
+        "eval.at_checkpoint=[]", "eval.at_end=[geometry]", "eval.geometry_sample=200", "logger=none",
+        f"paths.runs_dir={tmp_path}", f"paths.cache_dir={smollm2_cache}"], Path(REAL_DATA_DIR))
+    results = training.run(cfg)
+    assert results.finished and results.method == "listwise" and results.final_step == 2
+    rows = [r for r in read_metrics(Path(results.run_dir)) if "train/loss" in r]
+    assert rows[0]["train/loss"] == pytest.approx(np.log(4), abs=0.01)
+    assert all(k in rows[-1] for k in ("train/rewards/rejected", "train/rewards/others", "train/rewards/accuracies"))
+
+
 # ------------------------------------------------------------------------------------------- Gemma-3-270M (base)
 
 needs_gemma = pytest.mark.skipif(
@@ -115,7 +132,7 @@ def test_gemma_loads_through_the_architecture_map_and_every_method_embeds(gemma,
 
 
 @needs_gemma
-def test_gemma_dpo_and_contrastive_train_and_their_checkpoints_evaluate(smollm2_cache, tmp_path, monkeypatch):
+def test_gemma_each_objective_trains_and_its_checkpoint_evaluates(smollm2_cache, tmp_path, monkeypatch):
     """A few steps of each objective on the base model with its ms-swift chat template, then the adapter evaluated by
     the evaluate entry gives the training run's own final scores."""
     from sempa_exp.pipelines import evaluation
@@ -125,7 +142,7 @@ def test_gemma_dpo_and_contrastive_train_and_their_checkpoints_evaluate(smollm2_
               "trainer.grad_accum_steps=2", "trainer.checkpoint_every_samples=8", "eval=geometry",
               "eval.geometry_sample=200", "eval.at_start=[]", "eval.at_checkpoint=[geometry]",
               "eval.at_end=[geometry]", "logger=none", f"paths.runs_dir={tmp_path}", f"paths.cache_dir={smollm2_cache}"]
-    for objective in ("sempa", "contrastive"):
+    for objective in ("sempa", "listwise", "contrastive"):
         results = training.run(compose_config([*common, f"objective={objective}", f"run.group={objective}"],
                                               Path(REAL_DATA_DIR)))
         assert results.finished and results.final_step == 2 and results.method == objective, objective

@@ -171,6 +171,8 @@ class EmbedConfig:
     template: str = "{s}"  # raw prompt around the sentence, no chat template
     pooling: Pooling = Pooling.last
     prompteol_preprocess: bool = True
+    # AutoRegEmbed: this many <EMBED*> tokens follow the prompt and the vector is the mean of their hidden states
+    compress_tokens: int = 0
 
 
 @dataclass
@@ -284,6 +286,40 @@ class ListwiseObjectiveConfig(SempaObjectiveConfig):
     negatives_seed: Optional[int] = None  # None: the run's top-level `seed`
     # regrouping a step's micro-batches by length is written for pairs; a listwise batch keeps the sampler's order
     sort_within_step: bool = False
+
+
+class CompressionData(Choice):
+    """Where AutoRegEmbed's stage 1 gets its (context, instruction, output) rows."""
+
+    pwc = "pwc"  # the authors': PwC, objective.compression_file under the data root
+    nli_reconstruct = "nli_reconstruct"  # the NLI premises, compressed then reconstructed (not the authors' data)
+
+
+@dataclass
+class AutoRegEmbedCompressConfig:
+    """``objective=autoregembed_compress``: AutoRegEmbed's stage 1, information compression (Deng et al., 2025;
+    sempa_exp.objectives.autoregembed): the text is compressed into ``compress_tokens`` new tokens from which the
+    frozen backbone must generate the target. LoRA (``lora``) plus the new tokens' embedding rows are trained."""
+
+    _target_: str = "sempa_exp.objectives.autoregembed.CompressionObjective"
+    name: str = "autoregembed_compress"
+    compress_tokens: int = 5  # the authors' num_compress_token
+    compression_data: CompressionData = CompressionData.pwc
+    compression_file: str = "autoregembed/pwc_train_unique.jsonl"  # under the data root (or an absolute path)
+    reconstruct_instruction: str = "Repeat the text above."  # compression_data=nli_reconstruct only
+
+
+@dataclass
+class AutoRegEmbedAlignConfig:
+    """``objective=autoregembed_align``: AutoRegEmbed's stage 2, conditional distribution alignment on NLI, starting
+    from a stage-1 run's adapter (``init_from``), which is also the reference (its log-probs computed once)."""
+
+    _target_: str = "sempa_exp.objectives.autoregembed.AlignmentObjective"
+    name: str = "autoregembed_align"
+    compress_tokens: int = 5
+    beta: float = 0.1  # the authors' aligment_beta
+    temperature: float = 0.1  # the authors' aligment_temperature
+    init_from: Optional[str] = None  # a stage-1 run directory (its adapter/), an adapter or a checkpoint folder
 
 
 @dataclass
@@ -438,6 +474,8 @@ def register_configs() -> None:
     cs.store(group="objective", name="sempa_schema", node=SempaObjectiveConfig)
     cs.store(group="objective", name="contrastive_schema", node=ContrastiveObjectiveConfig)
     cs.store(group="objective", name="listwise_schema", node=ListwiseObjectiveConfig)
+    cs.store(group="objective", name="autoregembed_compress_schema", node=AutoRegEmbedCompressConfig)
+    cs.store(group="objective", name="autoregembed_align_schema", node=AutoRegEmbedAlignConfig)
 
 
 def _positive(key: str, value: float | int) -> None:
@@ -452,6 +490,20 @@ def _validate_listwise(o: ListwiseObjectiveConfig) -> None:
                           f"generalisation of the sigmoid loss only")
     if o.sort_within_step:
         raise ConfigError("objective.sort_within_step=true regroups DPO pairs; listwise batches need false")
+
+
+def _validate_autoregembed(cfg: Config) -> None:
+    o = cfg.objective
+    _positive("objective.compress_tokens", o.compress_tokens)
+    if cfg.embed.compress_tokens != o.compress_tokens:
+        raise ConfigError(f"objective={o.name} compresses into {o.compress_tokens} tokens: evaluate with "
+                          f"embed=autoregembed (embed.compress_tokens={cfg.embed.compress_tokens})")
+    if isinstance(o, AutoRegEmbedAlignConfig):
+        _positive("objective.beta", o.beta)
+        _positive("objective.temperature", o.temperature)
+        if not o.init_from:
+            raise ConfigError("objective.init_from: stage 2 (autoregembed_align) starts from a stage-1 run; pass its "
+                              "run directory (python -m sempa_exp.train objective=autoregembed_compress ... first)")
 
 
 def global_batch_size(trainer: TrainerConfig, world_size: int = 1) -> int:
@@ -547,8 +599,11 @@ def validate(cfg: Config) -> None:
             _validate_listwise(cfg.objective)
     elif isinstance(cfg.objective, ContrastiveObjectiveConfig):
         _positive("objective.temperature", cfg.objective.temperature)
+    elif isinstance(cfg.objective, (AutoRegEmbedCompressConfig, AutoRegEmbedAlignConfig)):
+        _validate_autoregembed(cfg)
     elif cfg.objective is not None:
-        raise ConfigError("objective: choose one of conf/objective/ (objective=sempa | listwise | contrastive)")
+        raise ConfigError("objective: choose one of conf/objective/ (objective=sempa | listwise | contrastive | "
+                          "autoregembed_compress | autoregembed_align)")
     _positive("eval.batch_size", cfg.eval.batch_size)
     if cfg.eval.geometry_sample < 2:
         raise ConfigError(f"eval.geometry_sample must be >= 2, got {cfg.eval.geometry_sample}")

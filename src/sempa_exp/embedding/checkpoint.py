@@ -109,6 +109,11 @@ class CheckpointMethod(PromptMethod):
         adapter = resolve_adapter(cfg.method.path)
         run_config = check_backbone(adapter, cfg.backbone.name, cfg.embed.name)
         model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir, dtype=cfg.eval.dtype)
+        compress = ((run_config or {}).get("objective") or {}).get("compress_tokens")
+        if compress:  # AutoRegEmbed: the adapter holds the trained rows of the tokens its run added
+            from sempa_exp.objectives.autoregembed import add_compress_tokens
+
+            add_compress_tokens(model, tokenizer, int(compress), seed=int(run_config.get("seed", 0)))
         model = attach_adapter(model, adapter).to(device)
         merged = cfg.eval.merge_adapter and fold_lora(model) is not None  # for good: this model only evaluates
         info = {"adapter": str(Path(adapter).resolve()), "trained_with": trained_objective(run_config),

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sempa_exp.config.schema import Config, EmbedConfig, MethodSettings
+from sempa_exp.config.schema import Config, ConfigError, EmbedConfig, MethodSettings
 from sempa_exp.data.prompts import embedding_prompt
 from sempa_exp.embedding.base import (
     EmbeddingMethod,
@@ -51,13 +51,32 @@ class PromptMethod(EmbeddingMethod):
         mean = self.embed.pooling == "mean"
         enc = self.tokenizer([self.prompt(s) for s in sentences], truncation=self.max_length is not None,
                              max_length=self.max_length, return_special_tokens_mask=mean)
+        compress = self.compress_ids()
         out = []
         for i in range(len(sentences)):
             row = {"input_ids": enc["input_ids"][i]}
-            if mean:  # average over the sentence's own tokens, not BOS/EOS
+            if compress:  # AutoRegEmbed: the mean over the <EMBED*> tokens appended to the prompt
+                row = {"input_ids": row["input_ids"] + compress,
+                       "pool_mask": [0] * len(row["input_ids"]) + [1] * len(compress)}
+            elif mean:  # average over the sentence's own tokens, not BOS/EOS
                 row["pool_mask"] = [1 - m for m in enc["special_tokens_mask"][i]]
             out.append(row)
         return out
+
+    def compress_ids(self) -> list[int]:
+        """The ids of the ``embed.compress_tokens`` <EMBED*> tokens (none for other prompts)."""
+        k = self.embed.compress_tokens
+        if not k:
+            return []
+        from sempa_exp.objectives.autoregembed import compress_token_names
+
+        names = compress_token_names(k)
+        ids = self.tokenizer.convert_tokens_to_ids(names)
+        if any(i is None or i == self.tokenizer.unk_token_id for i in ids):
+            raise ConfigError(f"embed={self.embed.name} reads {k} <EMBED*> tokens the tokenizer does not have: only "
+                              f"a model trained with an autoregembed objective has them (evaluate its run with "
+                              f"method=checkpoint)")
+        return ids
 
     def embed_batch(self, model: torch.nn.Module, batch: list[dict]) -> torch.Tensor:
         input_ids, attention, _ = left_pad([f["input_ids"] for f in batch], self.tokenizer.pad_token_id)

@@ -23,6 +23,8 @@ from sempa_exp.data.nli import Triplet
 class Objective(ABC):
     #: the dataclass schema of the objective's config group option (its fields and defaults, stated once)
     config_class: ClassVar[type]
+    #: whether step 0 is the bare backbone (its embeddings may then come from the on-disk cache of earlier runs)
+    starts_from_backbone: ClassVar[bool] = True
 
     def __init__(self, **settings: Any) -> None:
         self.config = self.config_class(**settings)
@@ -35,6 +37,10 @@ class Objective(ABC):
     @abstractmethod
     def dataset(self, cfg: Config, triplets: list[Triplet]) -> Dataset:
         """The training records of the NLI triplets."""
+
+    def examples_in(self, dataset: Dataset) -> int:
+        """Training examples the records of :meth:`dataset` make (one per record unless an objective groups them)."""
+        return len(dataset)
 
     @abstractmethod
     def build_trainer(self, cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

@@ -218,6 +218,9 @@ class ListwiseObjective(SempaObjective):
         negatives = draw_negatives(triplets, o.num_negatives, o.include_contradiction, o.other_hypotheses, seed)
         return Dataset.from_list(listwise_records(triplets, cfg.template.text, cfg.data.system_prompt, negatives))
 
+    def examples_in(self, dataset: Dataset) -> int:
+        return len(dataset) // self.config.num_negatives
+
     def trainer(self, **kwargs) -> ListwiseDPOTrainer:
         return ListwiseDPOTrainer(num_negatives=self.config.num_negatives,
                                   include_contradiction=self.config.include_contradiction, **kwargs)

@@ -228,14 +228,15 @@ class TrainingRun:
             self.trainer = self.objective.build_trainer(cfg, model, self.tokenizer, dataset, run_dir / "checkpoints",
                                                         callbacks, prep.world_size, use_cpu=self.device.type == "cpu")
             num_pairs = len(self.trainer.train_dataset)
-            if num_pairs < len(dataset):
-                log.warning("%d of %d pairs are left out: longer than trainer.max_length=%d tokens (ms-swift too)",
-                            len(dataset) - num_pairs, len(dataset), cfg.trainer.max_length)
+            offered = self.objective.examples_in(dataset)
+            if num_pairs < offered:
+                log.warning("%d of %d examples are left out: longer than trainer.max_length=%d tokens (ms-swift "
+                            "too)", offered - num_pairs, offered, cfg.trainer.max_length)
             t = cfg.trainer
             if t.drop_partial_step:
                 num_pairs = self.drop_partial_step(num_pairs)
             self.clock = SampleClock(num_pairs, t.per_device_batch_size, t.grad_accum_steps, prep.world_size)
-            self.evaluate_step(0, cfg.eval.at_start, untrained=True)
+            self.evaluate_step(0, cfg.eval.at_start, untrained=self.objective.starts_from_backbone)
             started = time.time()
             if resume_from is not None:
                 self.continue_counters(resume_from)

@@ -1,0 +1,83 @@
+"""AutoRegEmbed (objective=autoregembed_compress, then autoregembed_align): both losses equal the authors' computation
+re-implemented in bench/autoregembed_reference.py on one fixed batch (tiny backbone, fp32); both stages train end to
+end, stage 2 from stage 1's run; the read-out embeds with the trained <EMBED*> tokens, also from a checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import TINY_OVERRIDES
+from sempa_exp.config.location import CONF_DIR
+from sempa_exp.config.registry import register_all
+from sempa_exp.config.schema import ConfigError, validate
+from sempa_exp.pipelines import training
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE1 = ["objective=autoregembed_compress", "objective.compression_data=nli_reconstruct"]
+
+
+def reference_module():
+    spec = importlib.util.spec_from_file_location("autoregembed_reference", REPO / "bench" /
+                                                  "autoregembed_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_both_losses_are_the_authors_computation_on_a_fixed_batch(data_root, tmp_path):
+    out = reference_module().compare("tiny", 6, data_root, tmp_path / "cache")
+    assert out["stage1"]["project"] > 1  # a real loss, not a degenerate one
+    assert out["stage1"]["abs_diff"] < 1e-4 and out["stage2"]["abs_diff"] < 1e-4, out
+    assert out["stage2"]["logps_max_abs_diff"] < 1e-3 * out["stage2"]["logps_max_abs_value"], out
+
+
+def test_stage1_without_pwc_names_the_file_and_the_alternative(tiny_cfg):
+    cfg = OmegaConf.to_object(tiny_cfg("objective=autoregembed_compress"))
+    from sempa_exp.objectives.autoregembed import compression_records
+
+    with pytest.raises(ConfigError, match="pwc_train_unique.jsonl.*nli_reconstruct"):
+        compression_records(cfg, [])
+
+
+def test_autoregembed_config_is_checked_before_any_model_loads(tiny_cfg, no_model_load):
+    with pytest.raises(ConfigError, match="objective.init_from"):
+        validate(OmegaConf.to_object(tiny_cfg("objective=autoregembed_align")))
+    with pytest.raises(ConfigError, match="embed=autoregembed"):
+        validate(OmegaConf.to_object(tiny_cfg(*STAGE1, "embed=prompteol")))
+
+
+def test_both_stages_train_and_the_trained_tokens_embed_from_the_checkpoint(tiny_cfg, tmp_path, data_root):
+    from sempa_exp.pipelines import evaluation
+
+    common = ["data.size=16", "eval.at_end=[geometry,stsb_dev]"]
+    stage1 = training.run(tiny_cfg(*STAGE1, *common, "run.group=stage1"))
+    assert stage1.finished and stage1.method == "autoregembed_compress" and stage1.final_step == 2
+    rows = [json.loads(x) for x in (Path(stage1.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+    stage2 = training.run(tiny_cfg("objective=autoregembed_align", f"objective.init_from={stage1.run_dir}",
+                                   *common, "run.group=stage2"))
+    assert stage2.finished and stage2.method == "autoregembed_align"
+    rows = [json.loads(x) for x in (Path(stage2.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "train/loss" in r)
+    # at step 1 the policy is the reference (stage 1): s2 = sigmoid(2 beta (a - c)), and the loss is finite
+    assert np.isfinite(first["train/loss"])
+    # the checkpoint method adds the tokens, loads the adapter with their trained rows: the run's own final scores
+    register_all()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("evaluate", overrides=[
+            *TINY_OVERRIDES, "method=checkpoint", f"method.path={stage2.run_dir}", "embed=autoregembed",
+            "eval.at_end=[geometry,stsb_dev]", "eval.dtype=float32", "eval.pca_fraction=0",
+            f"paths.runs_dir={tmp_path / 'eval'}", f"paths.data_dir={data_root}"])
+    again = evaluation.run(cfg)
+    assert again.method == "autoregembed_align"
+    for key in ("eval/stsb_dev", "eval/uniformity"):
+        assert again.final[key] == pytest.approx(stage2.final[key], abs=1e-6), key
