@@ -63,6 +63,13 @@ def test_both_stages_train_and_the_trained_tokens_embed_from_the_checkpoint(tiny
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses))
 
+    from safetensors import safe_open
+
+    with safe_open(str(next((Path(stage1.run_dir) / "adapter").glob("*.safetensors"))), "pt") as saved:
+        rows = [(k, tuple(saved.get_tensor(k).shape)) for k in saved.keys() if "lora_" not in k]  # noqa: SIM118
+    assert rows == [("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta", (5, 32))]  # not
+    # the whole resized embedding matrix, only the 5 trained rows
+
     stage2 = training.run(tiny_cfg("objective=autoregembed_align", f"objective.init_from={stage1.run_dir}",
                                    *common, "run.group=stage2"))
     assert stage2.finished and stage2.method == "autoregembed_align"

@@ -26,6 +26,7 @@ are trained through PEFT's trainable tokens); the stage-1 data (PwC is not in th
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -210,6 +211,16 @@ class AutoRegEmbedTrainer(Trainer):
 
     def _prepare_inputs(self, inputs):  # lists of token ids: padded per pass, not moved here
         return inputs
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The adapter without the resized embedding matrix (PEFT would add all of it: 335 MB on Gemma-3): the
+        <EMBED*> rows are in the adapter's trainable tokens, and loading adds the tokens to the backbone again."""
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained
 
     @contextmanager
     def frozen_decoder(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
