@@ -110,7 +110,7 @@ def compare(backbone: str, rows: int, data_dir: Path, cache_dir: Path, seed: int
     base, tokenizer = load_backbone(cfg.backbone, cache_dir, dtype="float32")
     decoder = copy.deepcopy(base).eval()  # the authors' frozen, unresized decoder
     objective = project.CompressionObjective(**OmegaConf.to_container(OmegaConf.structured(cfg.objective)))
-    model, embed_ids, vocab = objective.prepared_model(cfg, base, tokenizer)
+    model, embed_ids, vocab, _ = objective.prepared_model(cfg, base, tokenizer)
     generator = torch.Generator().manual_seed(seed)  # a non-zero adapter: LoRA and the EMBED rows
     for _name, p in sorted(model.named_parameters()):
         if p.requires_grad:

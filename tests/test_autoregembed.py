@@ -53,31 +53,32 @@ def test_autoregembed_config_is_checked_before_any_model_loads(tiny_cfg, no_mode
         validate(OmegaConf.to_object(tiny_cfg(*STAGE1, "embed=prompteol")))
 
 
-def test_both_stages_train_and_the_trained_tokens_embed_from_the_checkpoint(tiny_cfg, tmp_path, data_root):
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full_finetune"])
+def test_both_stages_train_and_the_trained_tokens_embed_from_the_checkpoint(tiny_cfg, tmp_path, data_root, full):
     from sempa_exp.pipelines import evaluation
 
-    common = ["data.size=16", "eval.at_end=[geometry,stsb_dev]"]
+    common = ["data.size=16", "eval.at_end=[geometry,stsb_dev]", f"objective.full_finetune={str(full).lower()}"]
     stage1 = training.run(tiny_cfg(*STAGE1, *common, "run.group=stage1"))
     assert stage1.finished and stage1.method == "autoregembed_compress" and stage1.final_step == 2
     rows = [json.loads(x) for x in (Path(stage1.run_dir) / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses))
+    saved = Path(stage1.run_dir) / "adapter"
+    if full:  # every weight, as the authors save them
+        assert (saved / "config.json").exists() and not (saved / "adapter_config.json").exists()
+    else:  # not the whole resized embedding matrix: the LoRA tensors and the 5 trained rows
+        from safetensors import safe_open
 
-    from safetensors import safe_open
-
-    with safe_open(str(next((Path(stage1.run_dir) / "adapter").glob("*.safetensors"))), "pt") as saved:
-        rows = [(k, tuple(saved.get_tensor(k).shape)) for k in saved.keys() if "lora_" not in k]  # noqa: SIM118
-    assert rows == [("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta", (5, 32))]  # not
-    # the whole resized embedding matrix, only the 5 trained rows
+        with safe_open(str(next(saved.glob("*.safetensors"))), "pt") as f:
+            rows = [(k, tuple(f.get_tensor(k).shape)) for k in f.keys() if "lora_" not in k]  # noqa: SIM118
+        assert rows == [("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta", (5, 32))]
 
     stage2 = training.run(tiny_cfg("objective=autoregembed_align", f"objective.init_from={stage1.run_dir}",
                                    *common, "run.group=stage2"))
     assert stage2.finished and stage2.method == "autoregembed_align"
     rows = [json.loads(x) for x in (Path(stage2.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    first = next(r for r in rows if "train/loss" in r)
-    # at step 1 the policy is the reference (stage 1): s2 = sigmoid(2 beta (a - c)), and the loss is finite
-    assert np.isfinite(first["train/loss"])
-    # the checkpoint method adds the tokens, loads the adapter with their trained rows: the run's own final scores
+    assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    # the checkpoint method adds the tokens and loads the trained weights: the run's own final scores
     register_all()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("evaluate", overrides=[

@@ -306,6 +306,9 @@ class AutoRegEmbedCompressConfig:
     compress_tokens: int = 5  # the authors' num_compress_token
     compression_data: CompressionData = CompressionData.pwc
     compression_file: str = "autoregembed/pwc_train_unique.jsonl"  # under the data root (or an absolute path)
+    # The authors fine-tune every weight (the decoder: a frozen copy of the backbone, twice the memory); False: LoRA
+    # (``lora``) + the new rows, the decoder being the model with the adapter off.
+    full_finetune: bool = False
     reconstruct_instruction: str = "Repeat the text above."  # compression_data=nli_reconstruct only
 
 
@@ -320,6 +323,7 @@ class AutoRegEmbedAlignConfig:
     beta: float = 0.1  # the authors' aligment_beta
     temperature: float = 0.1  # the authors' aligment_temperature
     init_from: Optional[str] = None  # a stage-1 run directory (its adapter/), an adapter or a checkpoint folder
+    full_finetune: bool = False  # as stage 1's (the stage-1 run must have been trained the same way)
 
 
 @dataclass

@@ -35,6 +35,15 @@ def resolve_adapter(path: str | Path) -> Path:
                       f"adapter/ folder (pass a run directory, its adapter/ or one of its checkpoints/checkpoint-N)")
 
 
+def full_weights_folder(path: Path) -> Path | None:
+    """The folder of a fully fine-tuned model (config.json, no adapter_config.json) at or under ``path``."""
+    for candidate in (path, path / "adapter"):
+        if (candidate / "config.json").exists() and not (candidate / ADAPTER_CONFIG).exists() and any(
+                candidate.glob("*.safetensors")):
+            return candidate
+    return None
+
+
 def owning_run_config(adapter_dir: Path) -> dict | None:
     """The config.json of the run the adapter belongs to (adapter/, checkpoints/checkpoint-N), if any."""
     for folder in (adapter_dir.parent, adapter_dir.parent.parent):
@@ -106,15 +115,21 @@ class CheckpointMethod(PromptMethod):
     def load(cls, cfg: Config, settings: MethodSettings, device: torch.device) -> LoadedMethod:
         from sempa_exp.models.backbones import load_backbone
 
-        adapter = resolve_adapter(cfg.method.path)
+        full = full_weights_folder(Path(cfg.method.path).expanduser())
+        adapter = full or resolve_adapter(cfg.method.path)
         run_config = check_backbone(adapter, cfg.backbone.name, cfg.embed.name)
         model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir, dtype=cfg.eval.dtype)
         compress = ((run_config or {}).get("objective") or {}).get("compress_tokens")
         if compress:  # AutoRegEmbed: the adapter holds the trained rows of the tokens its run added
-            from sempa_exp.objectives.autoregembed import add_compress_tokens
+            from sempa_exp.objectives.autoregembed import add_compress_tokens, full_weights_model
 
             add_compress_tokens(model, tokenizer, int(compress), seed=int(run_config.get("seed", 0)))
-        model = attach_adapter(model, adapter).to(device)
+            if full:  # trained with objective.full_finetune: the run saved every weight
+                model = full_weights_model(full, model)
+        elif full:
+            raise ConfigError(f"method.path={cfg.method.path} holds full model weights; method=checkpoint reads them "
+                              f"only for AutoRegEmbed runs (objective.full_finetune=true)")
+        model = model.to(device) if full else attach_adapter(model, adapter).to(device)
         merged = cfg.eval.merge_adapter and fold_lora(model) is not None  # for good: this model only evaluates
         info = {"adapter": str(Path(adapter).resolve()), "trained_with": trained_objective(run_config),
                 "samples_seen": trained_samples(adapter), "merged": merged}

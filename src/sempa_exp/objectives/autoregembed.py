@@ -19,13 +19,14 @@ token embeddings, and scores the target (every target token and the final EOS; l
 * The embedding (``embed=autoregembed``): ``text "\\n" instruction`` tokenized as one string (the tokenizer's own
   special tokens), the k EMBED tokens appended, the mean of their final hidden states.
 
-Deviations, each an option: LoRA by default (the authors fine-tune every weight; ``lora`` applies, the new token rows
-are trained through PEFT's trainable tokens); the stage-1 data (PwC is not in this project's data root; see
-``compression_data``).
+Deviations, each an option: LoRA by default (``lora`` applies, the new token rows are trained through PEFT's trainable
+tokens; ``full_finetune=true`` trains every weight as the authors do, with a frozen copy of the backbone as the
+decoder); the stage-1 data (PwC is not in this project's data root; see ``compression_data``).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -154,6 +155,21 @@ def alignment_loss(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, ref_a: tor
     return F.softplus((s1 - s2) / temperature).mean()
 
 
+def full_weights_model(path: str | Path, like: PreTrainedModel) -> PreTrainedModel:
+    """A fully fine-tuned AutoRegEmbed model saved by a run (its adapter/ folder or a checkpoint), in ``like``'s
+    dtype and device."""
+    from transformers import AutoModelForCausalLM
+
+    from sempa_exp.embedding.checkpoint import full_weights_folder
+
+    folder = Path(path).expanduser()
+    found = full_weights_folder(folder)
+    if found is not None:
+        return AutoModelForCausalLM.from_pretrained(found, dtype=like.dtype).to(next(like.parameters()).device)
+    raise ConfigError(f"{folder} holds no fully fine-tuned model (config.json and weights, no adapter_config.json): "
+                      f"pass the run directory of a stage-1 run with objective.full_finetune=true")
+
+
 # ------------------------------------------------------------------------------------------------------ records
 
 
@@ -204,10 +220,11 @@ class AutoRegEmbedTrainer(Trainer):
     """HF Trainer whose loss is one of the two stages. The decoder is the model with the adapter off."""
 
     def __init__(self, *args, stage: str, compress_ids: list[int], vocab: int, pad_id: int, beta: float = 0.1,
-                 temperature: float = 0.1, **kwargs) -> None:
+                 temperature: float = 0.1, decoder: torch.nn.Module | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.stage, self.compress_ids, self.vocab, self.pad_id = stage, compress_ids, vocab, pad_id
         self.beta, self.temperature = beta, temperature
+        self.decoder = decoder  # full fine-tuning: the frozen copy of the backbone
 
     def _prepare_inputs(self, inputs):  # lists of token ids: padded per pass, not moved here
         return inputs
@@ -216,6 +233,8 @@ class AutoRegEmbedTrainer(Trainer):
         """The adapter without the resized embedding matrix (PEFT would add all of it: 335 MB on Gemma-3): the
         <EMBED*> rows are in the adapter's trainable tokens, and loading adds the tokens to the backbone again."""
         model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, PeftModel):  # full fine-tuning: the whole model, as the authors save it
+            return super()._save(output_dir, state_dict)
         model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
         try:
             super()._save(output_dir, state_dict)
@@ -224,6 +243,9 @@ class AutoRegEmbedTrainer(Trainer):
 
     @contextmanager
     def frozen_decoder(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        if self.decoder is not None:
+            yield self.decoder
+            return
         unwrapped = self.accelerator.unwrap_model(model)
         with unwrapped.disable_adapter():
             yield unwrapped
@@ -276,11 +298,21 @@ class _AutoRegEmbedObjective(Objective):
     starts_from_backbone = False  # new <EMBED*> rows (and in stage 2 the stage-1 adapter): never the cached step 0
 
     def prepared_model(self, cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
-                       ) -> tuple[torch.nn.Module, list[int], int]:
+                       ) -> tuple[torch.nn.Module, list[int], int, torch.nn.Module | None]:
+        """(the model to train, the EMBED ids, the original vocabulary size, the frozen decoder: None with LoRA,
+        whose decoder is the model with the adapter off; with full fine-tuning, a frozen copy of the backbone)."""
         o = self.config
+        init = getattr(o, "init_from", None)
+        if o.full_finetune:  # the authors' setting: every weight trains, the decoder is a separate frozen copy
+            if init:  # the backbone as loaded is the decoder; the stage-1 model (EMBED rows included) trains
+                decoder = model.eval().requires_grad_(False)
+                model = full_weights_model(init, model)
+            else:
+                decoder = copy.deepcopy(model).eval().requires_grad_(False)
+            ids = add_compress_tokens(model, tokenizer, o.compress_tokens, cfg.seed)
+            return model.requires_grad_(True), ids, original_vocab(model, tokenizer, o.compress_tokens), decoder
         ids = add_compress_tokens(model, tokenizer, o.compress_tokens, cfg.seed)
         vocab = original_vocab(model, tokenizer, o.compress_tokens)
-        init = getattr(o, "init_from", None)
         if init:
             from sempa_exp.embedding.checkpoint import resolve_adapter
 
@@ -291,18 +323,18 @@ class _AutoRegEmbedObjective(Objective):
             with torch.random.fork_rng():  # LoRA's random init: the run's seed, not whatever ran before
                 torch.manual_seed(cfg.seed)
                 peft = get_peft_model(model, lora)
-        return peft, ids, vocab
+        return peft, ids, vocab, None
 
     def build_trainer(self, cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                       dataset: Dataset, output_dir: Path, callbacks: list[TrainerCallback], world_size: int,
                       use_cpu: bool) -> AutoRegEmbedTrainer:
-        peft, ids, vocab = self.prepared_model(cfg, model, tokenizer)
+        trained, ids, vocab, decoder = self.prepared_model(cfg, model, tokenizer)
         args = TrainingArguments(**recipe_kwargs(cfg, output_dir, world_size, use_cpu))
         extra = {"beta": self.config.beta, "temperature": self.config.temperature} if self.stage == "align" else {}
-        trainer = AutoRegEmbedTrainer(model=peft, args=args, train_dataset=self.tokenized(cfg, tokenizer, dataset),
+        trainer = AutoRegEmbedTrainer(model=trained, args=args, train_dataset=self.tokenized(cfg, tokenizer, dataset),
                                       data_collator=PassThroughCollator(), processing_class=tokenizer,
                                       callbacks=callbacks, stage=self.stage, compress_ids=ids, vocab=vocab,
-                                      pad_id=tokenizer.pad_token_id, **extra)
+                                      pad_id=tokenizer.pad_token_id, decoder=decoder, **extra)
         if self.stage == "align":
             trainer.train_dataset = self.with_reference(trainer, trainer.train_dataset)
         return trainer
