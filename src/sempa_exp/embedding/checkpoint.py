@@ -17,11 +17,15 @@ from peft import PeftModel
 from sempa_exp.config.schema import Config, ConfigError, MethodSettings
 from sempa_exp.embedding.base import LoadedMethod
 from sempa_exp.embedding.prompt import PromptMethod
+from sempa_exp.models.compress_tokens import (
+    ADAPTER_CONFIG,
+    add_compress_tokens,
+    full_weights_folder,
+    full_weights_model,
+)
 from sempa_exp.models.lora import fold_lora
 
 log = logging.getLogger(__name__)
-
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def resolve_adapter(path: str | Path) -> Path:
@@ -33,15 +37,6 @@ def resolve_adapter(path: str | Path) -> Path:
             return candidate
     raise ConfigError(f"method.path={folder} holds no LoRA adapter: expected {ADAPTER_CONFIG} in it or in its "
                       f"adapter/ folder (pass a run directory, its adapter/ or one of its checkpoints/checkpoint-N)")
-
-
-def full_weights_folder(path: Path) -> Path | None:
-    """The folder of a fully fine-tuned model (config.json, no adapter_config.json) at or under ``path``."""
-    for candidate in (path, path / "adapter"):
-        if (candidate / "config.json").exists() and not (candidate / ADAPTER_CONFIG).exists() and any(
-                candidate.glob("*.safetensors")):
-            return candidate
-    return None
 
 
 def owning_run_config(adapter_dir: Path) -> dict | None:
@@ -121,8 +116,6 @@ class CheckpointMethod(PromptMethod):
         model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir, dtype=cfg.eval.dtype)
         compress = ((run_config or {}).get("objective") or {}).get("compress_tokens")
         if compress:  # AutoRegEmbed: the adapter holds the trained rows of the tokens its run added
-            from sempa_exp.objectives.autoregembed import add_compress_tokens, full_weights_model
-
             add_compress_tokens(model, tokenizer, int(compress), seed=int(run_config.get("seed", 0)))
             if full:  # trained with objective.full_finetune: the run saved every weight
                 model = full_weights_model(full, model)

@@ -23,6 +23,7 @@ from sempa_exp.embedding.base import (
     pool,
     settings_cache_key,
 )
+from sempa_exp.models.compress_tokens import compress_token_names
 
 
 class PromptMethod(EmbeddingMethod):
@@ -68,8 +69,6 @@ class PromptMethod(EmbeddingMethod):
         k = self.embed.compress_tokens
         if not k:
             return []
-        from sempa_exp.objectives.autoregembed import compress_token_names
-
         names = compress_token_names(k)
         ids = self.tokenizer.convert_tokens_to_ids(names)
         if any(i is None or i == self.tokenizer.unk_token_id for i in ids):

@@ -49,41 +49,15 @@ from sempa_exp.config.schema import (
     data_dir,
 )
 from sempa_exp.data import nli
-from sempa_exp.embedding.base import left_pad
+from sempa_exp.embedding.base import decoder_of, left_pad
+from sempa_exp.embedding.checkpoint import resolve_adapter
+from sempa_exp.models.compress_tokens import add_compress_tokens, full_weights_model, original_vocab
 from sempa_exp.objectives.base import Objective
 from sempa_exp.objectives.recipe import peft_config, recipe_kwargs
 
 log = logging.getLogger(__name__)
 
 ALIGN_INSTRUCTION = "This sentence means in one word: “"  # the authors' fixed stage-2 instruction (ends in U+201C)
-
-
-# ------------------------------------------------------------------------------------------- the compressed tokens
-
-
-def compress_token_names(k: int) -> list[str]:
-    return [f"<EMBED{i}>" for i in range(k)]
-
-
-def add_compress_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, k: int,
-                        seed: int) -> list[int]:
-    """Adds ``<EMBED0..k-1>`` to the tokenizer (special tokens) and rows for them to the model's embeddings, as the
-    authors do (transformers' mean resizing, here seeded); a no-op when the tokenizer has them. Returns their ids."""
-    names = compress_token_names(k)
-    if any(tokenizer.convert_tokens_to_ids(n) in (None, tokenizer.unk_token_id) for n in names):
-        tokenizer.add_tokens(names, special_tokens=True)
-    ids = tokenizer.convert_tokens_to_ids(names)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if max(ids) >= rows:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model.resize_token_embeddings(max(ids) + 1)
-    return ids
-
-
-def original_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, k: int) -> int:
-    """Rows of the LM head that the frozen decoder scores over: the vocabulary before the EMBED tokens."""
-    return min(tokenizer.convert_tokens_to_ids(compress_token_names(k)))
 
 
 def training_encoder_ids(tokenizer: PreTrainedTokenizerBase, text: str, instruction: str) -> list[int]:
@@ -107,8 +81,6 @@ def compressed(model: torch.nn.Module, encoder_ids: Sequence[Sequence[int]], com
     """(batch, k, hidden): the final-norm hidden states at the k EMBED tokens appended to each input. Left padding
     puts them at the last k positions (rotary positions are relative: the same states as the authors' right
     padding)."""
-    from sempa_exp.embedding.base import decoder_of
-
     ids, attention, _ = left_pad([list(x) + list(compress_ids) for x in encoder_ids], pad_id)
     device = next(model.parameters()).device
     hidden = decoder_of(model)(input_ids=ids.to(device), attention_mask=attention.to(device),
@@ -153,21 +125,6 @@ def alignment_loss(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, ref_a: tor
     s1 = torch.sigmoid(beta * (a - b).abs())
     s2 = torch.sigmoid(beta * ((a - c) + (ref_a - ref_c)))
     return F.softplus((s1 - s2) / temperature).mean()
-
-
-def full_weights_model(path: str | Path, like: PreTrainedModel) -> PreTrainedModel:
-    """A fully fine-tuned AutoRegEmbed model saved by a run (its adapter/ folder or a checkpoint), in ``like``'s
-    dtype and device."""
-    from transformers import AutoModelForCausalLM
-
-    from sempa_exp.embedding.checkpoint import full_weights_folder
-
-    folder = Path(path).expanduser()
-    found = full_weights_folder(folder)
-    if found is not None:
-        return AutoModelForCausalLM.from_pretrained(found, dtype=like.dtype).to(next(like.parameters()).device)
-    raise ConfigError(f"{folder} holds no fully fine-tuned model (config.json and weights, no adapter_config.json): "
-                      f"pass the run directory of a stage-1 run with objective.full_finetune=true")
 
 
 # ------------------------------------------------------------------------------------------------------ records
@@ -314,8 +271,6 @@ class _AutoRegEmbedObjective(Objective):
         ids = add_compress_tokens(model, tokenizer, o.compress_tokens, cfg.seed)
         vocab = original_vocab(model, tokenizer, o.compress_tokens)
         if init:
-            from sempa_exp.embedding.checkpoint import resolve_adapter
-
             peft = PeftModel.from_pretrained(model, str(resolve_adapter(init)), is_trainable=True)
         else:
             lora = peft_config(cfg)
