@@ -241,13 +241,18 @@ def _tokenized_compression(tokenizer, rows: list[dict], max_length: int) -> Data
     return Dataset.from_list(records)
 
 
-def _tokenized_alignment(tokenizer, rows: list[dict]) -> Dataset:
-    return Dataset.from_list([{
+def _tokenized_alignment(tokenizer, rows: list[dict], max_length: int) -> Dataset:
+    records = [{
         "query_ids": training_encoder_ids(tokenizer, r["query"], ALIGN_INSTRUCTION),
         "positive_in_ids": training_encoder_ids(tokenizer, r["positive"], ALIGN_INSTRUCTION),
         "positive_ids": target_ids(tokenizer, r["positive"]),
         "negative_ids": target_ids(tokenizer, r["negative"]),
-    } for r in rows])
+    } for r in rows]
+    kept = [r for r in records if max(len(ids) for ids in r.values()) <= max_length]  # as stage 1 drops them
+    if len(kept) < len(records):
+        log.warning("autoregembed: %d of %d rows longer than trainer.max_length left out", len(records) - len(kept),
+                    len(records))
+    return Dataset.from_list(kept)
 
 
 class _AutoRegEmbedObjective(Objective):
@@ -317,7 +322,7 @@ class AlignmentObjective(_AutoRegEmbedObjective):
         return Dataset.from_list(alignment_records(triplets))
 
     def tokenized(self, cfg: Config, tokenizer, dataset: Dataset) -> Dataset:
-        return _tokenized_alignment(tokenizer, dataset.to_list())
+        return _tokenized_alignment(tokenizer, dataset.to_list(), cfg.trainer.max_length)
 
     @staticmethod
     def with_reference(trainer: AutoRegEmbedTrainer, rows: Dataset, batch_size: int = 16) -> Dataset:
