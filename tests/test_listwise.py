@@ -137,7 +137,8 @@ def test_a_token_budget_trains_listwise_micro_batches_in_chunks_with_the_same_lo
 def test_listwise_config_is_validated_before_any_model_loads(tiny_cfg, no_model_load):
     for override, key in (("objective.num_negatives=0", "objective.num_negatives"),
                           ("objective.loss_type=hinge", "objective.loss_type"),
-                          ("objective.sort_within_step=true", "objective.sort_within_step")):
+                          ("objective.sort_within_step=true", "objective.sort_within_step"),
+                          ("objective.group_by_length=true", "objective.group_by_length")):
         with pytest.raises(ConfigError, match=key):
             validate(OmegaConf.to_object(tiny_cfg("objective=listwise", override)))
 

@@ -494,6 +494,8 @@ def _validate_listwise(o: ListwiseObjectiveConfig) -> None:
                           f"generalisation of the sigmoid loss only")
     if o.sort_within_step:
         raise ConfigError("objective.sort_within_step=true regroups DPO pairs; listwise batches need false")
+    if o.group_by_length:
+        raise ConfigError("objective.group_by_length=true samples DPO pairs by length; listwise examples need false")
 
 
 def _validate_autoregembed(cfg: Config) -> None:
