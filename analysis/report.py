@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analysis import artifacts, dashboard, figures, tables
+from analysis import artifacts, dashboard, figures, study, tables
 from analysis.figures import FigureResult
 from analysis.paper import load_paper_sts
 from analysis.render import Section, markdown_table, write_page
@@ -62,10 +62,12 @@ def build_report(runs: list[RunRecord], out: Path, *, sources: list[str] | None 
     t["gar"] = tables.gar_table(runs)
     t["aligned_tokens"] = tables.aligned_tokens_table(tokens, token_problems)
     t["generation"] = tables.generation_table(runs)
+    t["study"] = study.study_table(runs)
     f = report.figures
     f["data_size"] = figures.data_size_figure(runs, paper)
     f["pca"] = figures.pca_figure(pca_panels, pca_problems)
     f["training_curves"] = figures.training_curves_figure(runs)
+    f["study_curves"] = study.study_curves_figure(runs)
 
     groups = sorted({r.group for r in runs})
     finished = sum(r.finished for r in runs)
@@ -90,6 +92,7 @@ def build_report(runs: list[RunRecord], out: Path, *, sources: list[str] | None 
         Section("Aligned tokens and GAR", tables=[t["gar"], t["aligned_tokens"]]),
         Section("Training curves", figures=[f["training_curves"]]),
         Section("Generation capability", tables=[t["generation"]]),
+        Section("Small-backbone study", tables=[t["study"]], figures=[f["study_curves"]]),
         Section("W&B dashboard", text=dash_text),
     ]
     report.pages = write_page("SemPA reproduction report", intro, sections, out)

@@ -90,6 +90,7 @@ class RunRecord:
     origin: str = ""  # where it was read from: a local path or a W&B run path
     config: dict[str, Any] = field(default_factory=dict)
     generation: dict[str, Any] = field(default_factory=dict)  # results.json "generation": label -> lm-eval record
+    best: dict[str, Any] = field(default_factory=dict)  # results.json best_checkpoint (eval.at_best), if any
     short_name: str | None = None  # set by shorten_names: the name without the overrides its whole group shares
 
     @property
@@ -160,7 +161,8 @@ def load_run(run_dir: Path) -> RunRecord:
             data_size=results.data_size, samples_seen=results.samples_seen, final_step=results.final_step,
             start=results.start, final=results.final if results.finished else {},
             evaluations=results.evaluations or group_evaluations(rows), train_rows=train_rows_from(rows),
-            run_dir=run_dir, origin=str(run_dir), config=results.config, generation=results.generation)
+            run_dir=run_dir, origin=str(run_dir), config=results.config, generation=results.generation,
+            best=results.best_checkpoint or {})
     config = _read_json(run_dir / CONFIG_JSON) or (results.config if results is not None else {})
     evaluations = group_evaluations(rows)
     last = max((r for r in rows if "step" in r), key=lambda r: r["step"], default=None)

@@ -307,3 +307,18 @@ def test_local_sweep_runs_each_job_once_and_a_relaunch_recomputes_nothing(sweep_
     assert {d: (d / "results.json").stat().st_mtime_ns for d in dirs} == states
     # a skipped run hands the sweeper the value of the run that wrote its record
     assert [(r.status, r.return_value) for r in again] == [(r.status, r.return_value) for r in first]
+
+
+def test_a_jobs_user_message_is_found_even_after_text_without_its_newline(tmp_path):
+    """A signal handler's log line can land between a print's text and its newline: the message is found anywhere in
+    a line, and the last one counts."""
+    from sempa_exp.config.errors import USER_ERROR_PREFIX
+    from sempa_exp.launch.launcher import user_error_in_log
+
+    log = tmp_path / "0_log.out"
+    log.write_text(f"{USER_ERROR_PREFIX}an earlier message\n{{'loss': '0.36'}}{USER_ERROR_PREFIX}the run's message\n"
+                   "submitit INFO - Exiting\n")
+    assert user_error_in_log(log) == "the run's message"
+    assert user_error_in_log(tmp_path / "missing.out") is None
+    log.write_text("no message\n")
+    assert user_error_in_log(log) is None

@@ -503,18 +503,19 @@ def test_a_run_stopped_in_its_final_evaluation_redoes_only_the_missing_suites(ti
     cfg = tiny_cfg(*suites, "run.name=stopped")
     real, calls = training_module.evaluate, []
 
-    def stop_at_sts(encoder, data, todo):
+    def stop_at_sts(encoder, data, todo, pairs=None):
         calls.append(list(todo))
         if todo == ["sts"]:
             raise KeyboardInterrupt  # what a time limit's kill looks like to this code: nothing after it runs
-        return real(encoder, data, todo)
+        return real(encoder, data, todo, pairs)
 
     monkeypatch.setattr(training_module, "evaluate", stop_at_sts)
     with pytest.raises(KeyboardInterrupt):
         training.run(cfg)
     assert calls == [["stsb_dev"], ["stsb_dev"], ["geometry"], ["sts"]]  # steps 2 and 4 (stsb_dev: once at step 4)
     calls.clear()
-    monkeypatch.setattr(training_module, "evaluate", lambda e, d, todo: calls.append(list(todo)) or real(e, d, todo))
+    monkeypatch.setattr(training_module, "evaluate",
+                        lambda e, d, todo, pairs=None: calls.append(list(todo)) or real(e, d, todo, pairs))
     resumed = training.run(cfg)
     assert calls == [["sts"]]  # geometry and STS-B dev of step 4 were recorded before the stop
     drop = {"eval/seconds"}

@@ -269,8 +269,8 @@ def test_a_degenerate_final_model_is_never_best_and_gives_the_sweeper_no_value(t
     real_evaluate = training.evaluate
     encoders: list = []  # one encoder per step: 0, checkpoint 2, step 4 (its checkpoint and the end of training)
 
-    def degenerate_at_the_end(encoder, data, suites):
-        metrics = real_evaluate(encoder, data, suites)
+    def degenerate_at_the_end(encoder, data, suites, pairs=None):
+        metrics = real_evaluate(encoder, data, suites, pairs)
         if not any(e is encoder for e in encoders):
             encoders.append(encoder)  # kept alive: a new encoder cannot take an old one's id
         index = next(i for i, e in enumerate(encoders) if e is encoder)

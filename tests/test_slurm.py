@@ -328,12 +328,14 @@ TIME_LIMIT = ["hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60"
 
 def starts_and_timeouts(runs_dir: Path, group: str, job_id: str) -> tuple[int, int]:
     """How often the job started, and how often submitit took a USR2 for a timeout (its logger's lines in the job's
-    stdout logs; its "Requeued job" line can be lost to the kill that the requeue itself triggers)."""
+    stdout logs; its "Requeued job" line can be lost to the kill that the requeue itself triggers). A line is not
+    anchored: the job's stdout and stderr share the file, so a logger line can follow a print that has not yet
+    written its newline."""
     files = sorted((runs_dir / group / ".hydra").glob(f"sweep_*/.submitit/{job_id}/{job_id}_0_log.out"))
     logs = "\n".join(f.read_text(errors="replace") for f in files)
     assert "this job is preempted" not in logs
-    starts = re.findall(r"^submitit INFO \([^)]*\) - Starting with JobEnvironment", logs, re.M)
-    timeouts = re.findall(r"^submitit INFO \([^)]*\) - Job has timed out\.", logs, re.M)
+    starts = re.findall(r"submitit INFO \([^)]*\) - Starting with JobEnvironment", logs)
+    timeouts = re.findall(r"submitit INFO \([^)]*\) - Job has timed out\.", logs)
     return len(starts), len(timeouts)
 
 

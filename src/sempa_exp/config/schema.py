@@ -343,6 +343,10 @@ class EvalConfig:
     at_checkpoint: list[EvalSuite] = field(default_factory=lambda: [EvalSuite.sts, EvalSuite.stsb_dev,
                                                                     EvalSuite.geometry])
     at_end: list[EvalSuite] = field(default_factory=lambda: [EvalSuite.sts, EvalSuite.stsb_dev, EvalSuite.geometry])
+    # Suites scored after training on the trained checkpoint with the highest STS-B dev (steps > 0; model selection
+    # on dev, the test sets read once): results.json best_checkpoint, logged as best/<metric> at the final step.
+    # Needs stsb_dev at every checkpoint and every checkpoint kept (trainer.save_total_limit unset).
+    at_best: list[EvalSuite] = field(default_factory=list)
     batch_size: int = 32
     dtype: DType = DType.bfloat16
     max_length: Optional[int] = None  # PromptEOL does not truncate
@@ -611,6 +615,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("objective: choose one of conf/objective/ (objective=sempa | listwise | contrastive | "
                           "autoregembed_compress | autoregembed_align)")
     _positive("eval.batch_size", cfg.eval.batch_size)
+    if cfg.eval.at_best:
+        if EvalSuite.stsb_dev not in cfg.eval.at_checkpoint:
+            raise ConfigError("eval.at_best scores the checkpoint with the highest STS-B dev: add stsb_dev to "
+                              f"eval.at_checkpoint (now {[str(s) for s in cfg.eval.at_checkpoint]})")
+        if cfg.trainer.save_total_limit is not None:
+            raise ConfigError("eval.at_best needs every checkpoint kept: trainer.save_total_limit="
+                              f"{cfg.trainer.save_total_limit} may delete the best one before the end")
     if cfg.eval.geometry_sample < 2:
         raise ConfigError(f"eval.geometry_sample must be >= 2, got {cfg.eval.geometry_sample}")
     _positive("eval.ppl_sample", cfg.eval.ppl_sample)

@@ -107,9 +107,13 @@ def split_similarities(split: StsSplit, lookup: Callable[[Sequence[str]], np.nda
     return cosine(lookup(split.sentences1), lookup(split.sentences2))
 
 
-def score_task(splits: Sequence[StsSplit], lookup: Embed) -> dict[str, float]:
-    """Per-split Spearman and, for multi-split tasks, the pooled ('all') Spearman, which is the task's score."""
+def score_task(splits: Sequence[StsSplit], lookup: Embed, similarities: list[np.ndarray] | None = None
+               ) -> dict[str, float]:
+    """Per-split Spearman and, for multi-split tasks, the pooled ('all') Spearman, which is the task's score.
+    ``similarities``, when given, receives each split's cosine similarities (in file order)."""
     sims = [split_similarities(s, lookup) for s in splits]
+    if similarities is not None:
+        similarities.extend(sims)
     result = {s.name: spearman100(p, s.scores) for s, p in zip(splits, sims, strict=True)}
     result["all"] = spearman100(np.concatenate(sims), np.concatenate([s.scores for s in splits]))
     return result

@@ -108,7 +108,11 @@ def sentences_needed(data: EvalData, suites: Iterable[str]) -> dict[str, list[st
     return {group: list(dict.fromkeys(sentences)) for group, sentences in out.items() if sentences}
 
 
-def evaluate(encoder: SentenceEncoder, data: EvalData, suites: Iterable[str]) -> dict[str, float]:
+def evaluate(encoder: SentenceEncoder, data: EvalData, suites: Iterable[str],
+             pairs: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """The suites' metrics; ``pairs``, when given and the sts suite runs, receives each task's predicted and gold
+    similarities (``<task>/pred``, ``<task>/gold``, the task's splits concatenated): what a paired bootstrap over
+    the STS pairs needs (``save_pairs``)."""
     suites = list(dict.fromkeys(suites))
     for group, sentences in sentences_needed(data, suites).items():
         encoder.encode(sentences, group)  # one pass over the group's batches that hold a needed sentence
@@ -118,8 +122,12 @@ def evaluate(encoder: SentenceEncoder, data: EvalData, suites: Iterable[str]) ->
     if "sts" in suites:
         headline = []
         for task, splits in data.tasks.items():
-            scores = sts.score_task(splits, in_sts)
+            sims: list[np.ndarray] = []
+            scores = sts.score_task(splits, in_sts, sims)
             short = sts.SHORT_NAMES[task]
+            if pairs is not None:
+                pairs[f"{short}/pred"] = np.concatenate(sims).astype(np.float32)
+                pairs[f"{short}/gold"] = np.concatenate([s.scores for s in splits]).astype(np.float32)
             metrics[f"eval/{short}"] = scores["all"]
             if len(splits) > 1:
                 metrics.update({f"eval/{short}/{name}": v for name, v in scores.items() if name != "all"})
@@ -145,6 +153,30 @@ def evaluate(encoder: SentenceEncoder, data: EvalData, suites: Iterable[str]) ->
                 in_sts(data.gar_sentences), data.gar_sentences, lm_head, encoder.tokenizer,
                 data.gar_top_k, data.gar_match)
     return metrics
+
+
+STS_PAIRS_DIR = "sts_pairs"  # <run dir>/sts_pairs/step-N.npz: the 7 tasks' pair similarities at step N
+
+
+def save_pairs(run_dir: Path, step: int, pairs: dict[str, np.ndarray]) -> Path | None:
+    """Writes the pair similarities of one sts evaluation (atomically: a kill leaves none or all of them)."""
+    if not pairs:
+        return None
+    folder = Path(run_dir) / STS_PAIRS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step}.npz"
+    tmp = folder / f".step-{step}.{os.getpid()}.tmp.npz"
+    with open(tmp, "wb") as f:
+        np.savez(f, **pairs)
+    os.replace(tmp, path)
+    return path
+
+
+def load_pairs(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """task -> (predicted, gold) similarities from ``save_pairs``."""
+    with np.load(path, allow_pickle=False) as stored:
+        tasks = dict.fromkeys(k.rsplit("/", 1)[0] for k in stored.files)
+        return {t: (stored[f"{t}/pred"], stored[f"{t}/gold"]) for t in tasks}
 
 
 UNGROUPED = ""  # the cache's name for the encoder's vectors outside any group (the NLI PCA sample, say)

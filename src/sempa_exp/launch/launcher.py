@@ -123,13 +123,13 @@ class PlannedRun:
 
 
 def user_error_in_log(log: Path) -> str | None:
-    """The last one-line message a job's run gave the user before it exited (see config.errors), if any."""
+    """The last one-line message a job's run gave the user before it exited (see config.errors), if any. Looked for
+    anywhere in a line: a signal handler's log line can land between a print's text and its newline."""
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
         return None
-    return next((line[len(USER_ERROR_PREFIX):] for line in reversed(lines) if line.startswith(USER_ERROR_PREFIX)),
-                None)
+    return next((line.split(USER_ERROR_PREFIX, 1)[1] for line in reversed(lines) if USER_ERROR_PREFIX in line), None)
 
 
 class SweepLauncherMixin:

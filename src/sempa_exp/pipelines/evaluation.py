@@ -33,6 +33,7 @@ from sempa_exp.evaluation.suites import (
     eval_groups,
     evaluate,
     load_eval_data,
+    save_pairs,
 )
 from sempa_exp.launch.distributed import device_for
 from sempa_exp.models.backbones import backbone_fingerprint
@@ -128,7 +129,9 @@ class Evaluation:
             cache = self.cache_for(encoder)
             if cache is not None:
                 log.info("%d cached embeddings loaded from %s", cache.load_into(encoder), cache.folder)
-            metrics = evaluate(encoder, prep.eval_data, prep.suites)
+            pairs: dict = {}
+            metrics = evaluate(encoder, prep.eval_data, prep.suites, pairs)
+            save_pairs(run_dir, 0, pairs)
             artifacts = self.write_artifacts(encoder, loaded)
             if cache is not None:
                 cache.save_from(encoder)

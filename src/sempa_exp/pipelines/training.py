@@ -10,6 +10,7 @@ latest checkpoint; a directory holding another experiment is refused.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from sempa_exp.evaluation.suites import (
     eval_groups,
     evaluate,
     load_eval_data,
+    save_pairs,
 )
 from sempa_exp.launch.distributed import device_for, world
 from sempa_exp.models.backbones import backbone_fingerprint, load_backbone
@@ -86,7 +88,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     log.info("data: %s", cleaning.summary())  # before the size check, so a too-small remainder is explained
     size = validate_against_data(config, len(triplets), world_size)
     chosen = nli.subset(triplets, size, config.data.subset_seed)
-    suites = set(config.eval.at_start) | set(config.eval.at_checkpoint) | set(config.eval.at_end)
+    suites = set(config.eval.at_start) | set(config.eval.at_checkpoint) | set(config.eval.at_end) | set(
+        config.eval.at_best)
     e = config.eval
     eval_data = load_eval_data(root, suites, e.geometry_sample, e.gar_sample, e.gar_top_k, e.gar_match)
     if "ppl" in suites or (config.gen.at_end and config.gen.proxy):
@@ -153,7 +156,10 @@ class TrainingRun:
             # each suite recorded as soon as it is scored: a run stopped in the middle (a time limit, a preemption)
             # redoes only the suites it lacks, and their scores do not depend on which ran before (encoder groups)
             for suite in todo:
-                record(evaluate(encoder, self.prep.eval_data, [suite]))
+                pairs: dict = {}
+                scores = evaluate(encoder, self.prep.eval_data, [suite], pairs)
+                save_pairs(self.prep.run_dir, step, pairs)  # before the scores: a logged sts suite has its pairs
+                record(scores)
         if cache is not None:
             cache.save_from(encoder)
         record({"eval/seconds": time.time() - started})
@@ -246,7 +252,8 @@ class TrainingRun:
             if self.is_main:
                 self.trainer.save_model(str(run_dir / "adapter"))
                 self.evaluate_step(final_step, cfg.eval.at_end)
-                results = self.results(final_step, num_pairs, time.time() - started)
+                best = self.evaluate_best(final_step) if cfg.eval.at_best else None
+                results = self.results(final_step, num_pairs, time.time() - started, best)
                 write_results(run_dir, results)
                 self.run_logger.summary({k: v for k, v in results.final.items() if k.startswith("eval/")})
                 if cfg.gen.at_end:
@@ -261,6 +268,61 @@ class TrainingRun:
                 except Exception as exc:  # W&B is never a reason to lose a run; sync_wandb can do it later
                     log.warning("W&B offline history not rebuilt (%s); python -m sempa_exp.sync_wandb %s does it",
                                 exc, run_dir)
+
+    def evaluate_best(self, final_step: int) -> dict | None:
+        """eval.at_best: the suites on the trained checkpoint with the highest STS-B dev, loaded from its folder as
+        ``evaluate method=checkpoint`` loads it (the final step: the model in memory). Logged as best/<metric> at the
+        final step, where a resumed run finds them; returns {step, samples_seen, eval/...} of that checkpoint."""
+        trained = [self.evaluations[s] for s in sorted(self.evaluations) if s > 0]
+        chosen = best_by(trained, "eval/stsb_dev")
+        if chosen is None:
+            log.warning("eval.at_best: no trained checkpoint has a finite STS-B dev score; nothing scored")
+            return None
+        step, suites = chosen["step"], list(dict.fromkeys(self.cfg.eval.at_best))
+        final_row = self.evaluations.get(final_step, {})
+        todo = suites
+        if final_row.get("best/step") == step:  # a resumed run: the suites already logged are not redone
+            todo = [s for s, key in SUITE_MARKERS
+                    if s in suites and "best/" + key.removeprefix("eval/") not in final_row]
+        scores: dict[str, float] = {}
+        if todo and step == final_step:
+            self.evaluate_step(final_step, todo)
+            scores = {k: v for k, v in self.evaluations[final_step].items()
+                      if k.startswith("eval/") and k != "eval/seconds"}
+        elif todo:
+            scores = self.evaluate_checkpoint(step, todo)
+        new = {f"best/{k.removeprefix('eval/')}": v for k, v in scores.items()}
+        if new:
+            record = {"best/step": step, **new}
+            self.run_logger.log(record, step=final_step, samples_seen=self.samples_at(final_step))
+            self.evaluations.setdefault(final_step, {"step": final_step,
+                                                     "samples_seen": self.samples_at(final_step)}).update(record)
+        row = self.evaluations[final_step]
+        best = {**chosen, **{f"eval/{k.removeprefix('best/')}": v for k, v in row.items()
+                             if k.startswith("best/") and k != "best/step"}}
+        log.info("best checkpoint by STS-B dev: step %d (%.2f); %s", step, chosen["eval/stsb_dev"],
+                 ", ".join(f"{k}={v:.2f}" for k, v in best.items() if k.startswith("eval/") and k.count("/") == 1))
+        return best
+
+    def evaluate_checkpoint(self, step: int, suites: list[str]) -> dict[str, float]:
+        """Scores an earlier checkpoint of this run, loaded from disk on its own (the training model stays)."""
+        from sempa_exp.config.schema import MethodConfig
+        from sempa_exp.embedding.loading import load
+
+        folder = self.prep.run_dir / "checkpoints" / f"checkpoint-{step}"
+        method = MethodConfig(_target_="sempa_exp.embedding.checkpoint.CheckpointMethod", name="checkpoint",
+                              path=str(folder))
+        loaded = load(dataclasses.replace(self.cfg, method=method), self.device)
+        e = self.cfg.eval
+        encoder = SentenceEncoder(loaded.model, loaded.tokenizer, self.cfg.embed, batch_size=e.batch_size,
+                                  max_length=e.max_length, method=loaded.method,
+                                  groups=eval_groups(self.prep.eval_data))
+        started = time.time()
+        pairs: dict = {}
+        scores = evaluate(encoder, self.prep.eval_data, suites, pairs)
+        save_pairs(self.prep.run_dir, step, pairs)
+        log.info("checkpoint-%d scored on %s in %.0f s", step, ", ".join(suites), time.time() - started)
+        return scores
 
     def evaluate_generation(self, final_step: int) -> None:
         """gen.at_end: lm-eval benchmarks + perplexity proxy on the trained policy (PEFT, not merged)."""
@@ -277,7 +339,7 @@ class TrainingRun:
         self.run_logger.log(metrics, step=final_step, samples_seen=self.samples_at(final_step))
         self.run_logger.summary(metrics)
 
-    def results(self, final_step: int, num_pairs: int, train_seconds: float) -> Results:
+    def results(self, final_step: int, num_pairs: int, train_seconds: float, best: dict | None = None) -> Results:
         prep, cfg = self.prep, self.cfg
         history = [self.evaluations[s] for s in sorted(self.evaluations)]
         previous = read_results(prep.run_dir)  # gen_eval records of checkpoints, written while the run was unfinished
@@ -297,6 +359,7 @@ class TrainingRun:
             start=self.evaluations.get(0, {}),
             final=self.evaluations.get(final_step, {}),
             best_by_stsb_dev=best_by(history, "eval/stsb_dev"),
+            best_checkpoint=best,
             evaluations=history,
             generation=previous.generation if previous is not None else {},
             details={

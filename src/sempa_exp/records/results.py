@@ -58,6 +58,8 @@ class Results:
     start: dict[str, Any] = field(default_factory=dict)  # metrics at step 0 (training)
     final: dict[str, Any] = field(default_factory=dict)  # metrics of the final model state
     best_by_stsb_dev: dict[str, Any] | None = None  # the evaluation with the highest finite STS-B dev
+    # eval.at_best: the trained checkpoint (step > 0) with the highest STS-B dev, with the suites scored on it
+    best_checkpoint: dict[str, Any] | None = None
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # {step, samples_seen, eval/...} by step
     generation: dict[str, dict[str, Any]] = field(default_factory=dict)  # lm-eval records by label
     details: dict[str, Any] = field(default_factory=dict)  # what only this kind of run records
@@ -178,10 +180,11 @@ def _finite_number(value: Any) -> bool:
 
 
 def group_evaluations(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """metrics.jsonl rows (or W&B history rows) -> one evaluation per step: {step, samples_seen, eval/...}."""
+    """metrics.jsonl rows (or W&B history rows) -> one evaluation per step: {step, samples_seen, eval/...}; the final
+    step also holds eval.at_best's best/... scores."""
     by_step: dict[int, dict[str, Any]] = {}
     for row in rows:
-        scores = {k: v for k, v in row.items() if k.startswith("eval/")}
+        scores = {k: v for k, v in row.items() if k.startswith(("eval/", "best/"))}
         if scores and "step" in row:
             entry = by_step.setdefault(row["step"], {"step": row["step"], "samples_seen": row.get("samples_seen", 0)})
             entry.update(scores)

@@ -1,0 +1,197 @@
+"""The small-backbone study (conf/experiment/study_*.yaml): per setting, the 7-task STS of the best-by-dev checkpoint
+of each seed against the untrained PromptEOL baseline, with the seeds' spread and a paired bootstrap interval over
+the STS pairs; and the STS-B dev curves.
+
+A setting ("cell") is a run group with the overrides that tell its runs apart, the seed left out. A run counts once
+it is finished and its results hold ``best_checkpoint`` (``eval.at_best``). The interval resamples the pairs of every
+task (the same resample for the baseline and every seed: paired), recomputes each Spearman, and takes the 2.5 and 97.5
+percentiles of (mean over seeds of the trained 7-task average) - (the baseline's); it measures how much the test
+pairs' sampling moves the difference, the seeds' spread is its own column.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import rankdata
+
+from analysis.figures import FigureResult, _plot_line, plt
+from analysis.runs import STS_TASKS, RunRecord, method_label
+from analysis.tables import Table
+from sempa_exp.evaluation.suites import STS_PAIRS_DIR, load_pairs
+
+BOOTSTRAP_SAMPLES = 1000
+_SEED = re.compile(r"(^|,)seed=[^,]*")
+Pairs = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class Cell:
+    group: str
+    setting: str  # the overrides that tell the cell apart within its group, the seed left out
+    backbone: str
+    method: str
+    runs: list[RunRecord] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.group}/{self.setting}"
+
+
+def seed_of(run: RunRecord) -> int | None:
+    seed = run.config.get("seed")
+    return int(seed) if isinstance(seed, (int, float)) else None
+
+
+def setting_of(run: RunRecord) -> str:
+    name = _SEED.sub("", run.short_name or run.name).strip(",")
+    return name or "default"
+
+
+def study_cells(runs: list[RunRecord]) -> list[Cell]:
+    """The training runs with a best-by-dev evaluation, grouped by setting (one run per seed: the first by label)."""
+    cells: dict[tuple[str, str], Cell] = {}
+    for run in sorted(runs, key=lambda r: r.label):
+        if not (run.is_training and run.finished and run.best):
+            continue
+        key = (run.group, setting_of(run))
+        cell = cells.setdefault(key, Cell(run.group, key[1], run.backbone or "unknown", run.method))
+        if seed_of(run) not in {seed_of(r) for r in cell.runs}:
+            cell.runs.append(run)
+    return sorted(cells.values(), key=lambda c: (c.backbone, c.group, c.setting))
+
+
+def _pairs_at(run: RunRecord, step: int) -> Pairs | None:
+    if run.run_dir is None:
+        return None
+    path = Path(run.run_dir) / STS_PAIRS_DIR / f"step-{step}.npz"
+    return load_pairs(path) if path.exists() else None
+
+
+def baseline_pairs(cell: Cell, runs: list[RunRecord]) -> tuple[Pairs | None, str]:
+    """The untrained backbone's PromptEOL pair similarities: step 0 of a run of the cell, else of another training
+    run on the same backbone that starts from the untrained backbone (AutoRegEmbed starts from its stage 1)."""
+    candidates = [*cell.runs, *sorted((r for r in runs if r.backbone == cell.backbone and r.is_training
+                                       and r not in cell.runs and r.embed == "prompteol"), key=lambda r: r.label)]
+    for run in candidates:
+        if run.embed != "prompteol":
+            continue
+        pairs = _pairs_at(run, 0)
+        if pairs is not None:
+            return pairs, f"step 0 of {run.label}"
+    return None, "missing"
+
+
+def _spearman_rows(values: np.ndarray, gold_ranks: np.ndarray) -> np.ndarray:
+    """Row-wise Spearman x 100 of (B, n) resampled predictions against the (B, n) ranks of the resampled gold."""
+    ranks = rankdata(values, axis=1)
+    a = ranks - ranks.mean(axis=1, keepdims=True)
+    b = gold_ranks - gold_ranks.mean(axis=1, keepdims=True)
+    return 100.0 * (a * b).sum(axis=1) / np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+
+
+def paired_bootstrap(base: Pairs, trained: list[Pairs], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+                     ) -> tuple[float, float]:
+    """The 95% percentile interval of mean_seeds(7-task avg of trained) - 7-task avg of base, over resamples of
+    each task's pairs (the same resample for all)."""
+    rng = np.random.default_rng(seed)
+    deltas = np.zeros(samples)
+    for task in STS_TASKS:
+        gold = base[task][1]
+        idx = rng.integers(0, len(gold), size=(samples, len(gold)))
+        gold_ranks = rankdata(gold[idx], axis=1)
+        base_scores = _spearman_rows(base[task][0][idx], gold_ranks)
+        trained_scores = np.mean([_spearman_rows(t[task][0][idx], gold_ranks) for t in trained], axis=0)
+        deltas += (trained_scores - base_scores) / len(STS_TASKS)
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def study_table(runs: list[RunRecord], samples: int = BOOTSTRAP_SAMPLES) -> Table:
+    columns = ["backbone", "method", "setting", "seeds", "PromptEOL avg", "best-by-dev avg", "sd (seeds)",
+               "delta", "95% CI (STS pairs)", "PromptEOL STS-B dev", "best STS-B dev", "best at samples",
+               "ppl_nli final", "baseline source"]
+    table = Table("study", "Small-backbone study: the best-by-dev checkpoint against the untrained baseline "
+                           "(7-task STS avg, Spearman x 100)", columns)
+    for cell in study_cells(runs):
+        base, source = baseline_pairs(cell, runs)
+        best = [r.best for r in cell.runs]
+        avgs = [float(b["eval/sts_avg"]) for b in best if isinstance(b.get("eval/sts_avg"), (int, float))]
+        mean, sd = _mean_sd(avgs)
+        base_avg = None if base is None else float(np.mean([_full_spearman(*base[t]) for t in STS_TASKS]))
+        trained = [p for r in cell.runs if (p := _pairs_at(r, int(r.best["step"]))) is not None]
+        interval = None
+        if base is not None and trained and len(trained) == len(cell.runs):
+            low, high = paired_bootstrap(base, trained, samples)
+            interval = f"[{low:+.2f}, {high:+.2f}]"
+        dev_base = _mean_sd([v for r in cell.runs if (v := r.value("start", "stsb_dev")) is not None])[0]
+        dev_best = _mean_sd([float(b["eval/stsb_dev"]) for b in best])[0]
+        at = sorted({int(b.get("samples_seen", 0)) for b in best})
+        ppl = _mean_sd([v for r in cell.runs if (v := _proxy(r)) is not None])[0]
+        table.rows.append([cell.backbone, method_label(cell.method), cell.label,
+                           ", ".join(str(seed_of(r)) for r in cell.runs), base_avg, mean, sd,
+                           None if mean is None or base_avg is None else mean - base_avg, interval, dev_base,
+                           dev_best, ", ".join(map(str, at)), ppl, source])
+    table.notes += [
+        "best-by-dev: per seed, the trained checkpoint (step > 0) with the highest STS-B dev, scored once on the 7 "
+        "tasks (eval.at_best); mean and sd over the seeds. delta: that mean - the untrained PromptEOL average.",
+        f"95% CI: paired bootstrap over the pairs of each STS task ({samples} resamples, the same for baseline and "
+        "every seed), percentile interval of the delta; it holds the test sets' sampling, not the seeds' spread.",
+        "ppl_nli final: the perplexity proxy of the final adapter (gen.at_end), mean over seeds.",
+    ]
+    return table
+
+
+def _full_spearman(pred: np.ndarray, gold: np.ndarray) -> float:
+    from sempa_exp.data.sts import spearman100
+
+    return spearman100(pred, gold)
+
+
+def _proxy(run: RunRecord) -> float | None:
+    value = ((run.generation.get("final") or {}).get("proxy") or {}).get("ppl_nli")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def study_curves_figure(runs: list[RunRecord]) -> FigureResult:
+    """STS-B dev against training samples per backbone: one line per setting (the mean over its seeds at each
+    evaluated sample count; the seeds' min-max as a band)."""
+    cells = study_cells(runs)
+    result = FigureResult("study_curves", "Small-backbone study: STS-B dev during training", None,
+                          "STS-B dev (Spearman x 100) at every checkpoint of the study's runs; a line is the mean over "
+                          "the seeds of one setting, the band their range; 0 samples is the untrained start.")
+    if not cells:
+        result.missing.append("no finished run with a best-by-dev evaluation (eval.at_best)")
+        return result
+    backbones = sorted({c.backbone for c in cells})
+    fig, axes = plt.subplots(1, len(backbones), figsize=(6.5 * len(backbones), 4.5), squeeze=False)
+    for ax, backbone in zip(axes[0], backbones, strict=True):
+        for cell in (c for c in cells if c.backbone == backbone):
+            by_x: dict[int, list[float]] = defaultdict(list)
+            for run in cell.runs:
+                for x, y in run.series("stsb_dev"):
+                    by_x[x].append(y)
+            xs = sorted(x for x in by_x if len(by_x[x]) == len(cell.runs))
+            points = [(x, float(np.mean(by_x[x]))) for x in xs]
+            name = f"{method_label(cell.method)}: {cell.label}"
+            _plot_line(ax, result, backbone, name, ", ".join(r.label for r in cell.runs), points, marker=".")
+            if len(cell.runs) > 1 and xs:
+                ax.fill_between(xs, [min(by_x[x]) for x in xs], [max(by_x[x]) for x in xs], alpha=0.15)
+        ax.set_title(backbone)
+        ax.set_xlabel("training samples")
+        ax.set_ylabel("STS-B dev (Spearman x 100)")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    result.figure = fig
+    return result
+

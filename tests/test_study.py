@@ -1,0 +1,111 @@
+"""The small-backbone study's report: cells of seeds, best-by-dev scores against the untrained baseline, the paired
+bootstrap over the STS pairs, the STS-B dev curves; on real tiny-backbone runs with eval=best_by_dev."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from analysis import report as report_cli
+from analysis.runs import STS_TASKS, collect_local, shorten_names
+from analysis.study import _spearman_rows, paired_bootstrap, study_cells, study_table
+from conftest import TINY_OVERRIDES, compose_config
+from sempa_exp.pipelines import training
+
+STUDY = ["eval=best_by_dev", "eval.dtype=float32", "eval.geometry_sample=40", "gen.at_end=true", "gen.tasks=[]",
+         "eval.ppl_sample=8"]
+
+
+@pytest.fixture(scope="module")
+def study_runs(tmp_path_factory, data_root):
+    """Two settings (learning rate) x two seeds, run as the study's sweeps name them."""
+    root = tmp_path_factory.mktemp("study")
+    for lr in ("1e-3", "1e-2"):
+        for seed in (1, 2):
+            overrides = [f"trainer.learning_rate={lr}", f"seed={seed}"]
+            cfg = compose_config([*TINY_OVERRIDES, *STUDY, f"paths.runs_dir={root / 'runs'}",
+                                  f"paths.cache_dir={root / 'cache'}", "run.group=study",
+                                  f"run.name='trainer.learning_rate={lr},seed={seed}'", *overrides], data_root)
+            training.run(cfg)
+    return root / "runs"
+
+
+def test_cells_hold_the_seeds_of_one_setting_with_their_best_checkpoints(study_runs):
+    runs = collect_local([study_runs])
+    shorten_names(runs)
+    cells = study_cells(runs)
+    assert [c.setting for c in cells] == ["trainer.learning_rate=1e-2", "trainer.learning_rate=1e-3"]
+    for cell in cells:
+        assert [r.config["seed"] for r in cell.runs] == [1, 2]
+        for run in cell.runs:
+            trained = [e for e in run.evaluations if e["step"] > 0]
+            assert run.best["step"] == max(trained, key=lambda e: e["eval/stsb_dev"])["step"]
+            assert "eval/sts_avg" in run.best
+
+
+def test_the_study_table_is_computed_from_the_runs(study_runs):
+    runs = collect_local([study_runs])
+    shorten_names(runs)
+    table = study_table(runs, samples=200)
+    assert len(table.rows) == 2
+    for row, cell in zip(table.records(), study_cells(runs), strict=True):
+        avgs = [r.best["eval/sts_avg"] for r in cell.runs]
+        assert row["seeds"] == "1, 2"
+        assert row["PromptEOL avg"] == pytest.approx(cell.runs[0].start["eval/sts_avg"], abs=1e-4)
+        assert row["best-by-dev avg"] == pytest.approx(np.mean(avgs))
+        assert row["sd (seeds)"] == pytest.approx(np.std(avgs, ddof=1))
+        assert row["delta"] == pytest.approx(np.mean(avgs) - row["PromptEOL avg"])
+        low, high = (float(x) for x in row["95% CI (STS pairs)"].strip("[]").split(","))
+        assert low <= high
+        assert row["ppl_nli final"] is not None and row["baseline source"].startswith("step 0 of")
+
+
+def test_the_report_has_the_study_section(study_runs, tmp_path):
+    report = report_cli.run([str(study_runs), "--out", str(tmp_path / "report")])
+    assert not report.tables["study"].empty
+    figure = report.figures["study_curves"]
+    assert figure.figure is not None
+    run = next(r for r in report.runs if r.best)
+    first = figure.points("tiny", next(p["series"] for p in figure.series))[0]
+    assert first == (0, pytest.approx(run.start["eval/stsb_dev"]))  # the untrained start, the same for every seed
+    assert "Small-backbone study" in (tmp_path / "report" / "index.md").read_text()
+
+
+def test_rowwise_spearman_is_scipys():
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 6, size=(3, 50)).astype(float)  # ties, as STS gold scores have
+    pred = rng.normal(size=(3, 50))
+    from scipy.stats import rankdata
+
+    ours = _spearman_rows(pred, rankdata(gold, axis=1))
+    assert ours == pytest.approx([100 * spearmanr(p, g).statistic for p, g in zip(pred, gold, strict=True)])
+
+
+def _pairs(pred_by_task: dict[str, np.ndarray], gold: np.ndarray) -> dict:
+    return {t: (pred_by_task[t], gold) for t in STS_TASKS}
+
+
+def test_the_paired_bootstrap_interval_is_zero_for_the_same_model_and_excludes_zero_for_a_better_one():
+    rng = np.random.default_rng(1)
+    gold = rng.integers(0, 6, size=400).astype(float)
+    noisy = {t: gold + rng.normal(scale=3.0, size=gold.size) for t in STS_TASKS}
+    better = {t: gold + rng.normal(scale=0.5, size=gold.size) for t in STS_TASKS}
+    assert paired_bootstrap(_pairs(noisy, gold), [_pairs(noisy, gold)], samples=200) == (0.0, 0.0)
+    low, high = paired_bootstrap(_pairs(noisy, gold), [_pairs(better, gold)], samples=200)
+    assert 0 < low < high
+    # the same data in another order gives the same kind of interval: nothing depends on the pairs' order
+    order = rng.permutation(gold.size)
+    shuffled = paired_bootstrap(_pairs({t: v[order] for t, v in noisy.items()}, gold[order]),
+                                [_pairs({t: v[order] for t, v in better.items()}, gold[order])], samples=200)
+    assert shuffled[0] == pytest.approx(low, abs=2.0) and shuffled[1] == pytest.approx(high, abs=2.0)
+
+
+def test_runs_without_a_best_checkpoint_are_not_study_cells(tmp_path, data_root):
+    cfg = compose_config([*TINY_OVERRIDES, f"paths.runs_dir={tmp_path}", "run.group=plain"], data_root)
+    training.run(cfg)
+    runs = collect_local([Path(tmp_path)])
+    assert study_cells(runs) == []
+    assert study_table(runs).empty
