@@ -371,3 +371,31 @@ def test_a_token_budget_weighs_unequal_chunks_of_the_last_micro_batch_by_their_p
     a, b = train_losses(plain), train_losses(chunked)
     assert len(a) == 5
     np.testing.assert_allclose(b, a, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("embed", ["prompteol", "pretended_cot"])
+def test_evaluation_prefix_cache_gives_the_full_prompts_vectors(tiny_cfg, data_root, embed):
+    """eval.share_prompt_prefix: the template's prefix runs once per batch and the rows continue from its cache; in
+    fp32 every STS-B dev vector equals the full prompt's to 1e-5, with a LoRA adapter attached too; a batch whose
+    sentences merge with the prefix's last token shares only the tokens they all have."""
+    from peft import LoraConfig, get_peft_model
+
+    from sempa_exp.data.sts import load_stsb_dev
+    from sempa_exp.embedding.encoder import SentenceEncoder
+
+    config = OmegaConf.to_object(tiny_cfg(f"embed={embed}"))
+    model, tokenizer = load_backbone(config.backbone, config.paths.cache_dir)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    sentences = list(dict.fromkeys(load_stsb_dev(data_dir(config)).sentences))[:300]
+    full = SentenceEncoder(model, tokenizer, config.embed, batch_size=16, progress=False)
+    shared = SentenceEncoder(model, tokenizer, config.embed, batch_size=16, progress=False, share_prompt_prefix=True)
+    a, b = full.encode(sentences), shared.encode(sentences)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+    method = shared.method
+    prefix = method.prompt_prefix()
+    assert len(prefix) >= 2
+    rows = [f["input_ids"] for f in method.features(sentences)]
+    assert method.shared_prefix_length(rows) == len(prefix) - (0 if all(r[:len(prefix)] == prefix for r in rows)
+                                                               else 1)
+    assert method.shared_prefix_length([prefix[:1] + [prefix[1] + 1] + prefix[2:], prefix + [5]]) == 1
+    assert full.batching_key() != shared.batching_key()  # the disk cache keeps the two computations apart

@@ -356,6 +356,9 @@ class EvalConfig:
     # Off: in bf16 the folded weights round away part of the delta (SmolLM2 smoke adapter: up to 0.13 on a task,
     # bench/README.md).
     merge_adapter: bool = False
+    # PromptEOL-style prompts (last-token pooling): the template's text before the sentence runs once per batch and
+    # its key/value cache is reused by every row that starts with the same tokens (bench/README.md, measured).
+    share_prompt_prefix: bool = False
     gar_sample: int = 10000  # gar suite: a seeded sample of the distinct STS test sentences (evaluation.GAR_SAMPLE_DOC)
     gar_top_k: int = 10  # aligned tokens per sentence
     gar_match: GarMatch = GarMatch.text

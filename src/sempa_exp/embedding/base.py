@@ -137,6 +137,23 @@ def decoder_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention:
     return torch.cat([out.hidden_states[i] for i in output_layer], dim=-1)
 
 
+def decoder_hidden_after_prefix(decoder: torch.nn.Module, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
+                                pad_id: int, output_layer: int | None = None) -> torch.Tensor:
+    """``decoder_hidden`` of the rows ``prefix + suffix``, the shared prefix run once: its key/value cache is repeated
+    over the batch and the suffixes (left padded after it, positions continuing from it) attend to it. The same
+    tokens, so the same computation as the full rows (the result covers the suffix positions only)."""
+    device = next(decoder.parameters()).device
+    width = len(prefix)
+    cache = decoder(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True).past_key_values
+    cache.batch_repeat_interleave(len(suffixes))
+    input_ids, attention, _ = left_pad(suffixes, pad_id)
+    mask = torch.cat([torch.ones((len(suffixes), width), dtype=attention.dtype), attention], dim=1).to(device)
+    positions = (width + attention.cumsum(dim=1) - 1).clamp(min=width).to(device)  # a pad's position is masked out
+    out = decoder(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions, past_key_values=cache,
+                  use_cache=True, output_hidden_states=output_layer is not None)
+    return out.last_hidden_state if output_layer is None else out.hidden_states[output_layer]
+
+
 def pool(hidden: torch.Tensor, pooling: str, keep: torch.Tensor | None = None) -> torch.Tensor:
     """``last``: the last position (left padding: every row's final token); ``mean``: the mean over ``keep``."""
     if pooling == "last":

@@ -102,7 +102,8 @@ class CheckpointMethod(PromptMethod):
 
     @classmethod
     def from_config(cls, cfg: Config, settings: MethodSettings, tokenizer) -> CheckpointMethod:
-        method = cls(tokenizer, cfg.embed, cfg.eval.max_length, settings.output_layer)
+        method = cls(tokenizer, cfg.embed, cfg.eval.max_length, settings.output_layer,
+                     share_prompt_prefix=cfg.eval.share_prompt_prefix)
         method.cache_key = None
         return method
 

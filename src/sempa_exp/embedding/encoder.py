@@ -40,6 +40,7 @@ class SentenceEncoder:
         progress: bool = True,
         method: EmbeddingMethod | None = None,
         groups: Mapping[str, Sequence[str]] | None = None,
+        share_prompt_prefix: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -47,7 +48,7 @@ class SentenceEncoder:
         self.batch_size = batch_size
         self.max_length = max_length
         self.progress = progress
-        self.method = method or PromptMethod(tokenizer, embed, max_length)
+        self.method = method or PromptMethod(tokenizer, embed, max_length, share_prompt_prefix=share_prompt_prefix)
         self.memo: dict[str, np.ndarray] = {}  # sentences embedded outside any group
         self.groups = {name: list(dict.fromkeys(members)) for name, members in (groups or {}).items()}
         self.group_memo: dict[str, dict[str, np.ndarray]] = {name: {} for name in self.groups}
@@ -81,9 +82,12 @@ class SentenceEncoder:
 
     def batching_key(self) -> dict:
         """What fixes the batches of the grouped sentences (the vectors depend on it in the last bits)."""
-        return {"batch_size": self.batch_size, "max_length": self.max_length,
-                "groups": {name: hashlib.sha256(json.dumps(members).encode()).hexdigest()[:16]
-                           for name, members in sorted(self.groups.items())}}
+        key = {"batch_size": self.batch_size, "max_length": self.max_length,
+               "groups": {name: hashlib.sha256(json.dumps(members).encode()).hexdigest()[:16]
+                          for name, members in sorted(self.groups.items())}}
+        if getattr(self.method, "share_prompt_prefix", False):  # another computation: vectors differ in the last bits
+            key["share_prompt_prefix"] = True
+        return key
 
     def _batches_of(self, group: str) -> list[list[str]]:
         if group not in self._group_batches:

@@ -12,10 +12,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from sempa_exp.config.schema import Config, ConfigError, EmbedConfig, MethodSettings
-from sempa_exp.data.prompts import embedding_prompt
+from sempa_exp.data.prompts import embedding_prompt, fill
 from sempa_exp.embedding.base import (
     EmbeddingMethod,
     decoder_hidden,
+    decoder_hidden_after_prefix,
     decoder_of,
     left_pad,
     left_pad_mask,
@@ -33,17 +34,20 @@ class PromptMethod(EmbeddingMethod):
 
     @classmethod
     def from_config(cls, cfg: Config, settings: MethodSettings, tokenizer) -> PromptMethod:
-        method = cls(tokenizer, cfg.embed, cfg.eval.max_length, settings.output_layer)
+        method = cls(tokenizer, cfg.embed, cfg.eval.max_length, settings.output_layer,
+                     share_prompt_prefix=cfg.eval.share_prompt_prefix)
         # A plain prompt adds nothing to the cache key, so it shares the cache of a training run's step 0.
         method.cache_key = {} if settings.output_layer is None else settings_cache_key(cfg, settings)
         return method
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, embed: EmbedConfig, max_length: int | None = None,
-                 output_layer: int | None = None) -> None:
+                 output_layer: int | None = None, share_prompt_prefix: bool = False) -> None:
         self.tokenizer = tokenizer
         self.embed = embed
         self.max_length = max_length
         self.output_layer = output_layer
+        self.share_prompt_prefix = share_prompt_prefix
+        self._prefix: list[int] | None = None
 
     def prompt(self, sentence: str) -> str:
         return embedding_prompt(self.embed.template, sentence, self.embed.prompteol_preprocess)
@@ -77,8 +81,36 @@ class PromptMethod(EmbeddingMethod):
                               f"method=checkpoint)")
         return ids
 
+    def prompt_prefix(self) -> list[int]:
+        """The token ids of the template's text before the sentence, as the prompts' tokenization starts."""
+        if self._prefix is None:
+            marker = "\ue000"
+            filled = fill(self.embed.template, marker).lstrip()
+            head = filled.split(marker)[0] if marker in filled else ""
+            self._prefix = list(self.tokenizer(head)["input_ids"]) if head else []
+        return self._prefix
+
+    def shared_prefix_length(self, rows: Sequence[Sequence[int]]) -> int:
+        """How many leading tokens of the template's prefix every row of the batch has (a sentence's first characters
+        can merge with the prefix's last token), leaving each row at least one token of its own."""
+        prefix = self.prompt_prefix()
+        shared = len(prefix)
+        for row in rows:
+            same = 0
+            while same < min(len(prefix), len(row)) and prefix[same] == row[same]:
+                same += 1
+            shared = min(shared, same, len(row) - 1)
+        return max(shared, 0)
+
     def embed_batch(self, model: torch.nn.Module, batch: list[dict]) -> torch.Tensor:
-        input_ids, attention, _ = left_pad([f["input_ids"] for f in batch], self.tokenizer.pad_token_id)
+        rows = [f["input_ids"] for f in batch]
+        if self.share_prompt_prefix and self.embed.pooling == "last" and not self.compress_ids():
+            shared = self.shared_prefix_length(rows)
+            if shared > 0:  # eval.share_prompt_prefix: the prefix's cache reused by the whole batch
+                hidden = decoder_hidden_after_prefix(decoder_of(model), rows[0][:shared], [r[shared:] for r in rows],
+                                                     self.tokenizer.pad_token_id, self.output_layer)
+                return pool(hidden, "last")
+        input_ids, attention, _ = left_pad(rows, self.tokenizer.pad_token_id)
         hidden = decoder_hidden(decoder_of(model), input_ids.to(model_device(model)), attention, self.output_layer)
         keep = None
         if self.embed.pooling == "mean":

@@ -128,7 +128,8 @@ class TrainingRun:
         if self._step_encoder is None or self._step_encoder[0] != step:
             e = self.cfg.eval
             encoder = SentenceEncoder(self.trainer.model, self.tokenizer, self.cfg.embed, batch_size=e.batch_size,
-                                      max_length=e.max_length, groups=eval_groups(self.prep.eval_data))
+                                      max_length=e.max_length, groups=eval_groups(self.prep.eval_data),
+                                      share_prompt_prefix=e.share_prompt_prefix)
             self._step_encoder = (step, encoder)
         return self._step_encoder[1]
 
