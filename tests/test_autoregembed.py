@@ -89,3 +89,18 @@ def test_both_stages_train_and_the_trained_tokens_embed_from_the_checkpoint(tiny
     assert again.method == "autoregembed_align"
     for key in ("eval/stsb_dev", "eval/uniformity"):
         assert again.final[key] == pytest.approx(stage2.final[key], abs=1e-6), key
+
+
+def test_the_best_stage2_checkpoint_is_loaded_with_its_tokens_for_at_best(tiny_cfg, monkeypatch):
+    """eval.at_best on an earlier AutoRegEmbed checkpoint: loaded from its folder with the run's <EMBED*> tokens, it
+    scores what the run scored at that step."""
+    from test_best_checkpoint import shift_the_final_steps_dev_score
+
+    stage1 = training.run(tiny_cfg(*STAGE1, "data.size=16", "eval.at_end=[stsb_dev]", "run.group=stage1"))
+    shift_the_final_steps_dev_score(monkeypatch, -100.0)  # steps 0, 2, 4: the best trained one is step 2
+    stage2 = training.run(tiny_cfg("objective=autoregembed_align", f"objective.init_from={stage1.run_dir}",
+                                   "eval.at_start=[stsb_dev]", "eval.at_end=[stsb_dev]", "eval.at_best=[stsb_dev]",
+                                   "run.group=stage2"))
+    at_two = next(e for e in stage2.evaluations if e["step"] == 2)
+    assert stage2.best_checkpoint["step"] == 2
+    assert stage2.final["best/stsb_dev"] == pytest.approx(at_two["eval/stsb_dev"], abs=1e-6)

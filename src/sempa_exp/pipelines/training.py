@@ -313,7 +313,9 @@ class TrainingRun:
         folder = self.prep.run_dir / "checkpoints" / f"checkpoint-{step}"
         method = MethodConfig(_target_="sempa_exp.embedding.checkpoint.CheckpointMethod", name="checkpoint",
                               path=str(folder))
-        loaded = load(dataclasses.replace(self.cfg, method=method), self.device)
+        # in the weights' dtype during training: the computation that scored the checkpoint's STS-B dev
+        same_dtype = dataclasses.replace(self.cfg.eval, dtype=self.cfg.backbone.dtype)
+        loaded = load(dataclasses.replace(self.cfg, method=method, eval=same_dtype), self.device)
         e = self.cfg.eval
         encoder = SentenceEncoder(loaded.model, loaded.tokenizer, self.cfg.embed, batch_size=e.batch_size,
                                   max_length=e.max_length, method=loaded.method,
