@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from rich.console import Console
 
 from sempa_exp.config.location import CONF_DIR
 from sempa_exp.config.registry import register_all
@@ -17,6 +18,7 @@ from sempa_exp.evaluation.suites import STS_PAIRS_DIR, load_pairs
 from sempa_exp.pipelines import evaluation as evaluate
 from sempa_exp.pipelines import training
 from sempa_exp.records.metrics import read_metrics
+from sempa_exp.records.summary import training_table
 
 AT_BEST = ["eval.at_start=[stsb_dev]", "eval.at_end=[stsb_dev]", "eval.at_best=[sts]", "eval.dtype=float32"]
 STS_KEYS = ["eval/sts12", "eval/sts13", "eval/sts14", "eval/sts15", "eval/sts16", "eval/stsb", "eval/sickr",
@@ -71,6 +73,12 @@ def test_the_best_earlier_checkpoint_is_loaded_and_scored_as_the_evaluate_entry_
     for task, (pred, gold) in pairs.items():
         assert len(pred) == len(gold) and spearman100(pred, gold) == pytest.approx(best[f"eval/{task}"], abs=1e-4)
     assert sorted(p.name for p in (run_dir / STS_PAIRS_DIR).iterdir()) == ["step-2.npz"]
+    console = Console(width=200, record=True)
+    console.print(training_table(results))
+    text = console.export_text()
+    assert "best by STS-B dev: step 2" in text and "delta (best - step 0)" in text
+    sts_avg = next(line for line in text.splitlines() if "sts_avg" in line)
+    assert f"{best['eval/sts_avg']:.2f}" in sts_avg
 
 
 def test_when_the_final_model_is_best_it_is_scored_in_memory_and_a_resume_does_not_score_it_again(

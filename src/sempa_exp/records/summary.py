@@ -25,19 +25,25 @@ def _number(value: Any) -> float | None:
 
 
 def training_table(results: Results) -> Table:
-    start, final = results.start, results.final
+    """Step 0 against the final step, and against the best-by-dev checkpoint when eval.at_best scored one."""
+    start, final, best = results.start, results.final, results.best_checkpoint
     table = Table(title=f"{results.group}/{results.name}: {results.backbone}, {results.embed}, "
                         f"{results.data_size} triplets, {results.samples_seen} samples seen")
+    columns = [("step 0 (untrained)", start), (f"step {results.final_step} (trained)", final)]
+    if best:
+        columns.append((f"best by STS-B dev: step {best['step']}", best))
     table.add_column("metric")
-    table.add_column("step 0 (untrained)", justify="right")
-    table.add_column(f"step {results.final_step} (trained)", justify="right")
-    table.add_column("delta", justify="right")
+    for title, _ in columns:
+        table.add_column(title, justify="right")
+    table.add_column("delta (best - step 0)" if best else "delta", justify="right")
     for name in ROWS:
-        a, b = _number(start.get(f"eval/{name}")), _number(final.get(f"eval/{name}"))
-        if a is None and b is None:
+        values = [_number(row.get(f"eval/{name}")) for _, row in columns]
+        if all(v is None for v in values):
             continue
         fmt = "{:.4f}" if name in FOUR_DECIMALS else "{:.2f}"
-        table.add_row(name, "-" if a is None else fmt.format(a), "-" if b is None else fmt.format(b),
+        a = values[0]
+        b = values[-1] if values[-1] is not None else values[1]  # the delta of the best checkpoint, else the final
+        table.add_row(name, *("-" if v is None else fmt.format(v) for v in values),
                       "-" if a is None or b is None else ("{:+.4f}" if fmt == "{:.4f}" else "{:+.2f}").format(b - a))
     return table
 
