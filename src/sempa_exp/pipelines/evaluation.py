@@ -18,7 +18,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sempa_exp.config.schema import Config, ConfigError, data_dir, method_settings, refuse_unknown_keys, validate
+from sempa_exp.config.schema import (
+    AdapterPrecision,
+    Config,
+    ConfigError,
+    data_dir,
+    method_settings,
+    refuse_unknown_keys,
+    validate,
+)
 from sempa_exp.data import nli
 from sempa_exp.embedding import loading
 from sempa_exp.embedding.base import LoadedMethod, lm_head_of
@@ -125,7 +133,8 @@ class Evaluation:
             loaded = loading.load(cfg, device_for(cfg.run.device))
             encoder = SentenceEncoder(loaded.model, loaded.tokenizer, cfg.embed, batch_size=cfg.eval.batch_size,
                                       max_length=cfg.eval.max_length, method=loaded.method,
-                                      groups=eval_groups(prep.eval_data))
+                                      groups=eval_groups(prep.eval_data),
+                                      adapter_in_weights_dtype=cfg.eval.adapter_precision == AdapterPrecision.weights)
             cache = self.cache_for(encoder)
             if cache is not None:
                 log.info("%d cached embeddings loaded from %s", cache.load_into(encoder), cache.folder)

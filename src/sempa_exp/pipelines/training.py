@@ -19,7 +19,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sempa_exp.config.schema import Config, ConfigError, data_dir, refuse_unknown_keys, validate, validate_against_data
+from sempa_exp.config.schema import (
+    AdapterPrecision,
+    Config,
+    ConfigError,
+    data_dir,
+    refuse_unknown_keys,
+    validate,
+    validate_against_data,
+)
 from sempa_exp.data import nli
 from sempa_exp.embedding.encoder import SentenceEncoder
 from sempa_exp.evaluation.perplexity import build_proxy_set
@@ -129,7 +137,8 @@ class TrainingRun:
             e = self.cfg.eval
             encoder = SentenceEncoder(self.trainer.model, self.tokenizer, self.cfg.embed, batch_size=e.batch_size,
                                       max_length=e.max_length, groups=eval_groups(self.prep.eval_data),
-                                      share_prompt_prefix=e.share_prompt_prefix)
+                                      share_prompt_prefix=e.share_prompt_prefix,
+                                      adapter_in_weights_dtype=e.adapter_precision == AdapterPrecision.weights)
             self._step_encoder = (step, encoder)
         return self._step_encoder[1]
 
@@ -319,7 +328,8 @@ class TrainingRun:
         e = self.cfg.eval
         encoder = SentenceEncoder(loaded.model, loaded.tokenizer, self.cfg.embed, batch_size=e.batch_size,
                                   max_length=e.max_length, method=loaded.method,
-                                  groups=eval_groups(self.prep.eval_data))
+                                  groups=eval_groups(self.prep.eval_data),
+                                  adapter_in_weights_dtype=e.adapter_precision == AdapterPrecision.weights)
         started = time.time()
         pairs: dict = {}
         scores = evaluate(encoder, self.prep.eval_data, suites, pairs)
