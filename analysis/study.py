@@ -11,7 +11,9 @@ pairs' sampling moves the difference, the seeds' spread is its own column.
 
 from __future__ import annotations
 
+import logging
 import re
+import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,8 @@ from analysis.figures import FigureResult, _plot_line, plt
 from analysis.runs import STS_TASKS, RunRecord, method_label
 from analysis.tables import Table
 from sempa_exp.evaluation.suites import STS_PAIRS_DIR, load_pairs
+
+log = logging.getLogger(__name__)
 
 BOOTSTRAP_SAMPLES = 1000
 _SEED = re.compile(r"(^|,)seed=[^,]*")
@@ -69,7 +73,13 @@ def _pairs_at(run: RunRecord, step: int) -> Pairs | None:
     if run.run_dir is None:
         return None
     path = Path(run.run_dir) / STS_PAIRS_DIR / f"step-{step}.npz"
-    return load_pairs(path) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return load_pairs(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # the cell's interval is shown as missing
+        log.warning("unreadable pair similarities %s (%s): that run's interval is missing", path, exc)
+        return None
 
 
 def baseline_pairs(cell: Cell, runs: list[RunRecord]) -> tuple[Pairs | None, str]:

@@ -109,3 +109,17 @@ def test_runs_without_a_best_checkpoint_are_not_study_cells(tmp_path, data_root)
     runs = collect_local([Path(tmp_path)])
     assert study_cells(runs) == []
     assert study_table(runs).empty
+
+
+def test_a_damaged_pairs_file_leaves_that_interval_missing_not_the_report(study_runs, tmp_path):
+    import shutil
+
+    copy = tmp_path / "runs"
+    shutil.copytree(study_runs, copy)
+    runs = collect_local([copy])
+    shorten_names(runs)
+    victim = study_cells(runs)[0].runs[0]
+    (victim.run_dir / "sts_pairs" / f"step-{victim.best['step']}.npz").write_bytes(b"not a zip")
+    rows = study_table(runs, samples=50).records()
+    assert rows[0]["95% CI (STS pairs)"] is None and rows[1]["95% CI (STS pairs)"] is not None
+    assert rows[0]["best-by-dev avg"] is not None  # the scores come from results.json, untouched
