@@ -9,9 +9,8 @@
   same count for every side, so achieved = model FLOPs / train() seconds compares them directly; a side that skips
   work (precomputed reference, shared prompt) shows it as a higher achieved rate, as MFU does.
 * ``eval``: a bare PromptEOL pass on ``--sentences`` STS sentences (bf16), its forward FLOPs over its real tokens,
-  and, with ``--adapter``, the same pass on the trained adapter unmerged, folded (``eval.merge_adapter``) and with
-  its matrices in the weights' dtype (``eval.adapter_precision=weights``), each timed alone; the ratios are what a
-  checkpoint evaluation costs against the bare backbone.
+  and, with ``--adapter``, the same pass on the trained adapter unmerged and folded (``eval.merge_adapter``), each
+  timed alone; the ratios are what a checkpoint evaluation costs against the bare backbone.
 
     SEMPA_DATA_DIR=../shared/data python bench/roofline.py [--parts peak,dpo,eval] [--backbone smollm2_135m] \\
         [--dpo-json bench/results_dpo_smollm2.json] [--sentences 2000] [--adapter runs/smoke/default/adapter] \\
@@ -103,9 +102,8 @@ def eval_rates(backbone: str, sentences: int, adapter: str | None, peak: float |
     model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir)
     texts = list(dict.fromkeys(load_stsb_dev(data_dir(cfg)).sentences))[:sentences]
 
-    def timed(label: str, model, **options) -> dict:
-        encoder = SentenceEncoder(model, tokenizer, cfg.embed, batch_size=cfg.eval.batch_size, progress=False,
-                                  **options)
+    def timed(label: str, model) -> dict:
+        encoder = SentenceEncoder(model, tokenizer, cfg.embed, batch_size=cfg.eval.batch_size, progress=False)
         tokens = sum(len(f["input_ids"]) for f in encoder.method.features(texts))
         started = time.perf_counter()
         vectors = encoder.encode(texts)
@@ -126,16 +124,11 @@ def eval_rates(backbone: str, sentences: int, adapter: str | None, peak: float |
         out["unmerged"], unmerged = timed("adapter unmerged", model)
         with lora_folded(model):
             out["merged"], merged = timed("adapter folded", model)
-        out["weights_dtype"], cast = timed("adapter in the weights' dtype", model, adapter_in_weights_dtype=True)
         cos = (torch.nn.functional.cosine_similarity(torch.as_tensor(unmerged), torch.as_tensor(merged))).min().item()
-        cast_cos = torch.nn.functional.cosine_similarity(torch.as_tensor(unmerged), torch.as_tensor(cast)).min().item()
         out["merged_vs_unmerged_min_cos"] = cos
-        out["weights_dtype_vs_unmerged_min_cos"] = cast_cos
         bare = out["bare"]["seconds"]
         print(f"[eval] unmerged / bare time: {out['unmerged']['seconds'] / bare:.2f}x; merged / bare: "
-              f"{out['merged']['seconds'] / bare:.2f}x; adapter in the weights' dtype / bare: "
-              f"{out['weights_dtype']['seconds'] / bare:.2f}x; min cosine to unmerged: merged {cos:.6f}, "
-              f"in the weights' dtype {cast_cos:.6f}")
+              f"{out['merged']['seconds'] / bare:.2f}x; min cosine merged vs unmerged {cos:.6f}")
     return out
 
 

@@ -81,26 +81,3 @@ def test_training_with_merged_checkpoint_evaluation_scores_as_unmerged(tiny_cfg)
     for a, b in zip(plain.evaluations, merged.evaluations, strict=True):
         for key in ("eval/uniformity", "eval/isotropy"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
-
-
-def test_adapter_in_the_weights_dtype_gives_the_fp32_adapters_embeddings_and_restores_them(tiny_cfg):
-    """eval.adapter_precision=weights: a bf16 backbone with fp32 LoRA matrices (PEFT's autocast) evaluated with the
-    matrices in bf16: the same embeddings up to bf16 rounding of the adapter's path, far closer than folding, and the
-    fp32 matrices back bit for bit afterwards."""
-    model, tokenizer, cfg = adapted(tiny_cfg, torch.bfloat16)
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.float()  # what PEFT's autocast_adapter_dtype does to a bf16 backbone's adapter
-    before = state(model)
-    fp32 = SentenceEncoder(model, tokenizer, cfg.embed, progress=False).encode(SENTENCES)
-    cast = SentenceEncoder(model, tokenizer, cfg.embed, progress=False, adapter_in_weights_dtype=True)
-    in_bf16 = cast.encode(SENTENCES)
-    with lora_folded(model):
-        folded = SentenceEncoder(model, tokenizer, cfg.embed, progress=False).encode(SENTENCES)
-    after = state(model)
-    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
-    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
-    cos = torch.nn.functional.cosine_similarity(torch.as_tensor(fp32), torch.as_tensor(in_bf16))
-    assert cos.min() > 0.999
-    assert abs(fp32 - in_bf16).max() <= abs(fp32 - folded).max() + 1e-6
-    assert cast.batching_key() != SentenceEncoder(model, tokenizer, cfg.embed).batching_key()

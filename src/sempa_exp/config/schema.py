@@ -60,13 +60,6 @@ class EvalSuite(Choice):
     gar = "gar"  # aligned tokens: the GAR score
 
 
-class AdapterPrecision(Choice):
-    """The dtype of a LoRA adapter's own matmuls while a checkpoint is evaluated (unfolded)."""
-
-    float32 = "float32"  # PEFT's default: each activation cast to fp32 for the adapter, the sum cast back
-    weights = "weights"  # the backbone weights' dtype (bf16): no casts (models.lora.lora_in_weights_dtype)
-
-
 class GarMatch(Choice):
     text = "text"  # tokens compared as stripped lower-cased strings
     id = "id"  # as vocabulary ids
@@ -366,7 +359,6 @@ class EvalConfig:
     # PromptEOL-style prompts (last-token pooling): the template's text before the sentence runs once per batch and
     # its key/value cache is reused by every row that starts with the same tokens (bench/README.md, measured).
     share_prompt_prefix: bool = False
-    adapter_precision: AdapterPrecision = AdapterPrecision.float32  # bench/README.md: speed and scores of each
     gar_sample: int = 10000  # gar suite: a seeded sample of the distinct STS test sentences (evaluation.GAR_SAMPLE_DOC)
     gar_top_k: int = 10  # aligned tokens per sentence
     gar_match: GarMatch = GarMatch.text

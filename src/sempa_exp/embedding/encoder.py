@@ -25,7 +25,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sempa_exp.config.schema import EmbedConfig
 from sempa_exp.embedding.base import EmbeddingMethod, decoder_of  # noqa: F401 - decoder_of re-exported
 from sempa_exp.embedding.prompt import PromptMethod
-from sempa_exp.models.lora import lora_in_weights_dtype
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,6 @@ class SentenceEncoder:
         method: EmbeddingMethod | None = None,
         groups: Mapping[str, Sequence[str]] | None = None,
         share_prompt_prefix: bool = False,
-        adapter_in_weights_dtype: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -51,7 +49,6 @@ class SentenceEncoder:
         self.max_length = max_length
         self.progress = progress
         self.method = method or PromptMethod(tokenizer, embed, max_length, share_prompt_prefix=share_prompt_prefix)
-        self.adapter_in_weights_dtype = adapter_in_weights_dtype  # eval.adapter_precision=weights
         self.memo: dict[str, np.ndarray] = {}  # sentences embedded outside any group
         self.groups = {name: list(dict.fromkeys(members)) for name, members in (groups or {}).items()}
         self.group_memo: dict[str, dict[str, np.ndarray]] = {name: {} for name in self.groups}
@@ -90,8 +87,6 @@ class SentenceEncoder:
                           for name, members in sorted(self.groups.items())}}
         if getattr(self.method, "share_prompt_prefix", False):  # another computation: vectors differ in the last bits
             key["share_prompt_prefix"] = True
-        if self.adapter_in_weights_dtype:
-            key["adapter_in_weights_dtype"] = True
         return key
 
     def _batches_of(self, group: str) -> list[list[str]]:
@@ -112,12 +107,10 @@ class SentenceEncoder:
         self.model.eval()
         out: dict[str, np.ndarray] = {}
         try:
-            with lora_in_weights_dtype(self.model, self.adapter_in_weights_dtype):
-                for batch in tqdm(batches, desc="embedding", unit="batch", disable=not self.progress,
-                                  mininterval=10):
-                    features = [self._features[s] for s in batch]
-                    vectors = self.method.embed_batch(self.model, features).float().cpu().numpy()
-                    out.update(zip(batch, vectors, strict=True))
+            for batch in tqdm(batches, desc="embedding", unit="batch", disable=not self.progress, mininterval=10):
+                features = [self._features[s] for s in batch]
+                vectors = self.method.embed_batch(self.model, features).float().cpu().numpy()
+                out.update(zip(batch, vectors, strict=True))
         finally:
             self.model.train(was_training)
         return out

@@ -61,27 +61,3 @@ def lora_folded(model: torch.nn.Module, enabled: bool = True) -> Iterator[torch.
     finally:
         if unfold is not None:
             unfold()
-
-
-@contextlib.contextmanager
-def lora_in_weights_dtype(model: torch.nn.Module, enabled: bool = True) -> Iterator[torch.nn.Module]:
-    """Inside the block every LoRA A/B matrix is in its base layer's dtype (bf16 on a bf16 backbone), so the adapter
-    path runs without PEFT's casts of each activation to fp32 and back (``autocast_adapter_dtype`` keeps adapters in
-    fp32). Unlike folding, the delta is still added to the layer's output, not rounded into the weights. The fp32
-    tensors are put back afterwards, bit for bit. ``enabled=False`` or no LoRA layers: the model as it is."""
-    from peft.tuners.lora import LoraLayer
-
-    saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-    if enabled:
-        for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
-            dtype = layer.get_base_layer().weight.dtype
-            for matrices in (layer.lora_A, layer.lora_B):
-                for linear in matrices.values():
-                    if linear.weight.dtype != dtype:
-                        saved.append((linear.weight, linear.weight.data))
-                        linear.weight.data = linear.weight.data.to(dtype)
-    try:
-        yield model
-    finally:
-        for weight, original in saved:
-            weight.data = original

@@ -19,7 +19,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sempa_exp.config.schema import (
-    AdapterPrecision,
     Config,
     ConfigError,
     data_dir,
@@ -133,8 +132,7 @@ class Evaluation:
             loaded = loading.load(cfg, device_for(cfg.run.device))
             encoder = SentenceEncoder(loaded.model, loaded.tokenizer, cfg.embed, batch_size=cfg.eval.batch_size,
                                       max_length=cfg.eval.max_length, method=loaded.method,
-                                      groups=eval_groups(prep.eval_data),
-                                      adapter_in_weights_dtype=cfg.eval.adapter_precision == AdapterPrecision.weights)
+                                      groups=eval_groups(prep.eval_data))
             cache = self.cache_for(encoder)
             if cache is not None:
                 log.info("%d cached embeddings loaded from %s", cache.load_into(encoder), cache.folder)

@@ -20,7 +20,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sempa_exp.config.schema import (
-    AdapterPrecision,
     Config,
     ConfigError,
     data_dir,
@@ -137,8 +136,7 @@ class TrainingRun:
             e = self.cfg.eval
             encoder = SentenceEncoder(self.trainer.model, self.tokenizer, self.cfg.embed, batch_size=e.batch_size,
                                       max_length=e.max_length, groups=eval_groups(self.prep.eval_data),
-                                      share_prompt_prefix=e.share_prompt_prefix,
-                                      adapter_in_weights_dtype=e.adapter_precision == AdapterPrecision.weights)
+                                      share_prompt_prefix=e.share_prompt_prefix)
             self._step_encoder = (step, encoder)
         return self._step_encoder[1]
 
@@ -328,8 +326,7 @@ class TrainingRun:
         e = self.cfg.eval
         encoder = SentenceEncoder(loaded.model, loaded.tokenizer, self.cfg.embed, batch_size=e.batch_size,
                                   max_length=e.max_length, method=loaded.method,
-                                  groups=eval_groups(self.prep.eval_data),
-                                  adapter_in_weights_dtype=e.adapter_precision == AdapterPrecision.weights)
+                                  groups=eval_groups(self.prep.eval_data))
         started = time.time()
         pairs: dict = {}
         scores = evaluate(encoder, self.prep.eval_data, suites, pairs)
