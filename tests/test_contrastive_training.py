@@ -6,8 +6,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
-from sempa_exp.config.schema import EmbedConfig
+from conftest import tiny_trainer
+from sempa_exp.config.schema import EmbedConfig, data_dir
+from sempa_exp.data import nli
 from sempa_exp.models.backbones import build_tiny_tokenizer
 from sempa_exp.objectives.infonce import TripletCollator, info_nce
 
@@ -44,3 +47,19 @@ def test_collator_left_pads_anchors_positives_negatives_in_order():
     assert batch["attention_mask"][:, -1].all()  # left padding: every row ends on its last real token
     short = TripletCollator(tokenizer, PROMPTEOL, max_length=12)(rows)
     assert short["input_ids"].shape[1] == 12 and tokenizer.decode(short["input_ids"][0]).endswith('word:"')
+
+
+def test_lora_init_is_drawn_from_the_runs_seed(tiny_cfg, tmp_path):
+    """The foil's LoRA matrices come from ``seed`` (as TRL seeds DPO's), whatever the global generator held: the
+    same seed gives the same adapter, another seed another one, so seeds 1-3 of a study differ in their init too."""
+    def lora_a(seed: int, noise: int) -> torch.Tensor:
+        composed = tiny_cfg("objective=contrastive", f"seed={seed}")
+        cfg = OmegaConf.to_object(composed)
+        triplets, _ = nli.load_triplets(cfg.data, data_dir(cfg))
+        torch.manual_seed(noise)  # whatever ran before
+        trainer = tiny_trainer(composed, triplets[:4], tmp_path / "out")
+        return torch.cat([p.detach().flatten() for n, p in sorted(trainer.model.named_parameters()) if "lora_A" in n])
+
+    first = lora_a(1, noise=0)
+    assert torch.equal(first, lora_a(1, noise=123))
+    assert not torch.equal(first, lora_a(2, noise=0))

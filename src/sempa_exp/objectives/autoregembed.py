@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from sempa_exp.config.schema import (
@@ -53,7 +53,7 @@ from sempa_exp.embedding.base import decoder_of, left_pad
 from sempa_exp.embedding.checkpoint import resolve_adapter
 from sempa_exp.models.compress_tokens import add_compress_tokens, full_weights_model, original_vocab
 from sempa_exp.objectives.base import Objective
-from sempa_exp.objectives.recipe import peft_config, recipe_kwargs
+from sempa_exp.objectives.recipe import peft_config, recipe_kwargs, seeded_peft_model
 
 log = logging.getLogger(__name__)
 
@@ -280,9 +280,7 @@ class _AutoRegEmbedObjective(Objective):
         else:
             lora = peft_config(cfg)
             lora = replace(lora, trainable_token_indices={"embed_tokens": ids})
-            with torch.random.fork_rng():  # LoRA's random init: the run's seed, not whatever ran before
-                torch.manual_seed(cfg.seed)
-                peft = get_peft_model(model, lora)
+            peft = seeded_peft_model(model, lora, cfg.seed)
         return peft, ids, vocab, None
 
     def build_trainer(self, cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

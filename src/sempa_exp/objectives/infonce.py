@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from peft import get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from sempa_exp.config.schema import Config, ContrastiveObjectiveConfig, EmbedConfig
@@ -23,7 +22,7 @@ from sempa_exp.data import nli
 from sempa_exp.embedding.base import left_pad, left_pad_mask, pool
 from sempa_exp.embedding.prompt import PromptMethod
 from sempa_exp.objectives.base import Objective
-from sempa_exp.objectives.recipe import peft_config, recipe_kwargs
+from sempa_exp.objectives.recipe import peft_config, recipe_kwargs, seeded_peft_model
 
 ROLES = ("anchor", "positive", "negative")
 
@@ -85,7 +84,7 @@ class ContrastiveObjective(Objective):
     def build_trainer(self, cfg: Config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                       dataset: Dataset, output_dir: Path, callbacks: list[TrainerCallback], world_size: int,
                       use_cpu: bool) -> InfoNCETrainer:
-        model = get_peft_model(model, peft_config(cfg))
+        model = seeded_peft_model(model, peft_config(cfg), cfg.seed)
         if cfg.trainer.gradient_checkpointing:
             model.enable_input_require_grads()  # the frozen embeddings must pass gradients on to the LoRA layers
         return InfoNCETrainer(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, TrainerCallback
 
 from sempa_exp.config.schema import Config, ConfigError, checkpoint_every_steps
@@ -46,6 +47,14 @@ def check_target_modules(model: PreTrainedModel, cfg: Config) -> None:
 def peft_config(cfg: Config) -> PeftLoraConfig:
     return PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=cfg.lora.target_modules, bias="none", task_type="CAUSAL_LM")
+
+
+def seeded_peft_model(model: PreTrainedModel, lora: PeftLoraConfig, seed: int) -> PeftModel:
+    """``get_peft_model`` with LoRA's random init drawn from ``seed`` (as TRL's DPOTrainer seeds it), not from whatever
+    the global generator held; the caller's random state is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return get_peft_model(model, lora)
 
 
 def recipe_kwargs(cfg: Config, output_dir: Path, world_size: int, use_cpu: bool) -> dict:
