@@ -41,6 +41,7 @@ from sempa_exp.evaluation.suites import (
     save_pairs,
 )
 from sempa_exp.launch.distributed import device_for, world
+from sempa_exp.launch.memory import return_freed_memory
 from sempa_exp.models.backbones import backbone_fingerprint, load_backbone
 from sempa_exp.models.lora import lora_folded
 from sempa_exp.objectives.base import Objective, build_objective
@@ -232,6 +233,7 @@ class TrainingRun:
                 torch.set_num_threads(cfg.run.num_threads)
             model, self.tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir)
             model.to(self.device)
+            return_freed_memory()  # a first load converts the backbone (~1.8 GB for SmolLM2) before training starts
             from sempa_exp.objectives.recipe import CheckpointEvalCallback, MetricsCallback, check_target_modules
 
             check_target_modules(model, cfg)
@@ -256,6 +258,7 @@ class TrainingRun:
                 self.continue_counters(resume_from)
             self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             final_step = self.trainer.state.global_step
+            return_freed_memory()  # the training steps' activations, before the final evaluation grows the process
             results = None
             if self.is_main:
                 self.trainer.save_model(str(run_dir / "adapter"))
