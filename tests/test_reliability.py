@@ -557,3 +557,15 @@ def test_latest_checkpoint_skips_unfinished_ones(tmp_path):
     # 8: killed before trainer_state.json, 6: killed while writing it
     assert rundir.latest_checkpoint(checkpoints) == checkpoints / "checkpoint-4"
     assert rundir.latest_checkpoint(tmp_path / "absent") is None
+
+
+def test_a_saved_key_the_schema_dropped_is_the_same_experiment_only_at_its_retired_value():
+    """eval.adapter_precision left the schema: an evaluation saved with its default (float32, today's computation) is
+    the same experiment, one saved with ``weights`` is not; a dropped key nobody retired is a difference."""
+    from sempa_exp.records.identity import _differs
+
+    today = {"batch_size": 32, "merge_adapter": False}
+    assert not _differs({**today, "adapter_precision": "float32"}, today, "eval.")
+    assert _differs({**today, "adapter_precision": "weights"}, today, "eval.")
+    assert _differs({**today, "unheard_of": 1}, today, "eval.")
+    assert not _differs({"eval": {**today, "adapter_precision": "float32"}}, {"eval": today})

@@ -2,8 +2,8 @@
 
 glibc keeps what a phase frees (the backbone's conversion, the training steps' activations) in its heaps, one per
 thread that allocated (torch's intra-op threads make several), and reuses it only for allocations that fit its free
-chunks; the evaluation that follows then grows the process beyond the training's peak. ``malloc_trim`` returns every
-heap's whole free pages. A no-op where the C library is not glibc.
+chunks, so the process keeps the training's peak through the evaluation that follows (measured on the smoke run:
+bench/README.md). ``malloc_trim`` returns every heap's whole free pages. A no-op where the C library is not glibc.
 """
 
 from __future__ import annotations
@@ -11,9 +11,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import logging
-
-log = logging.getLogger(__name__)
 
 
 def _malloc_trim():

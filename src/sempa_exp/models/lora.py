@@ -1,4 +1,4 @@
-"""A LoRA adapter folded into its backbone's weights, or computed in their dtype, for the duration of an evaluation.
+"""A LoRA adapter folded into its backbone's weights for the duration of an evaluation.
 
 An unmerged adapter adds two small matmuls per adapted layer to every forward (on CPU the many small kernels cost
 more than their FLOPs: a checkpoint's evaluation ran 1.65x slower than the bare backbone's). Folded, the forward is

@@ -157,13 +157,27 @@ def holds_results(path: Path) -> bool:
             or (metrics.exists() and metrics.stat().st_size > 0) or (path / "adapter").exists())
 
 
-def _differs(saved: Any, current: Any) -> bool:
+# Keys the schema no longer has, with the value that computed what today's code computes: a run saved with it is
+# the same experiment; with another value it is not.
+RETIRED_KEYS: dict[str, Any] = {
+    "eval.adapter_precision": "float32",  # removed after commit b9d8aab (bench/README.md: dominated by folding)
+}
+
+
+def _differs(saved: Any, current: Any, path: str = "") -> bool:
     """Whether a saved config value is another experiment than the current one. A key the saved config lacks was
     added to the schema after the run was made; new keys default to the computation runs had before (or one equal
-    to it up to float rounding, like the speed-ups), so it is not a difference."""
+    to it up to float rounding, like the speed-ups), so it is not a difference. A saved key the schema has dropped
+    is one unless :data:`RETIRED_KEYS` says its value is today's computation."""
     if isinstance(saved, dict) and isinstance(current, dict):
-        return any(key not in current or _differs(value, current[key]) for key, value in saved.items())
+        return any(
+            (RETIRED_KEYS.get(f"{path}{key}", _MISSING) != value) if key not in current
+            else _differs(value, current[key], f"{path}{key}.")
+            for key, value in saved.items())
     return saved != current
+
+
+_MISSING = object()
 
 
 def check_same_experiment(path: Path, resolved: dict[str, Any], kind: RunKind) -> None:
@@ -171,7 +185,7 @@ def check_same_experiment(path: Path, resolved: dict[str, Any], kind: RunKind) -
     saved = saved_config(path)
     if saved is None:
         return
-    differing = [k for k in SECTIONS[kind] if _differs(saved.get(k), resolved.get(k))]
+    differing = [k for k in SECTIONS[kind] if _differs(saved.get(k), resolved.get(k), f"{k}.")]
     if differing and not holds_results(path):
         log.warning("%s holds only the config of an attempt that produced nothing (a different %s); starting over",
                     path, ", ".join(differing))
