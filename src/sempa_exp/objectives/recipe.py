@@ -51,8 +51,10 @@ def peft_config(cfg: Config) -> PeftLoraConfig:
 
 def seeded_peft_model(model: PreTrainedModel, lora: PeftLoraConfig, seed: int) -> PeftModel:
     """``get_peft_model`` with LoRA's random init drawn from ``seed`` (as TRL's DPOTrainer seeds it), not from whatever
-    the global generator held; the caller's random state is left as it was."""
-    with torch.random.fork_rng():
+    the global generator held; the caller's random state is left as it was. Only the model's own CUDA device is
+    forked: forking every visible GPU would open a context on each from every rank of a multi-GPU job."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         return get_peft_model(model, lora)
 

@@ -157,6 +157,7 @@ def holds_results(path: Path) -> bool:
             or (metrics.exists() and metrics.stat().st_size > 0) or (path / "adapter").exists())
 
 
+_MISSING = object()
 # Keys the schema no longer has, with the value that computed what today's code computes: a run saved with it is
 # the same experiment; with another value it is not.
 RETIRED_KEYS: dict[str, Any] = {
@@ -176,8 +177,6 @@ def _differs(saved: Any, current: Any, path: str = "") -> bool:
             for key, value in saved.items())
     return saved != current
 
-
-_MISSING = object()
 
 
 def check_same_experiment(path: Path, resolved: dict[str, Any], kind: RunKind) -> None:
