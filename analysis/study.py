@@ -108,15 +108,22 @@ def paired_bootstrap(base: Pairs, trained: list[Pairs], samples: int = BOOTSTRAP
                      ) -> tuple[float, float]:
     """The 95% percentile interval of mean_seeds(7-task avg of trained) - 7-task avg of base, over resamples of
     each task's pairs (the same resample for all)."""
+    return paired_difference(trained, [base], samples, seed)
+
+
+def paired_difference(a: list[Pairs], b: list[Pairs], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+                      ) -> tuple[float, float]:
+    """The 95% percentile interval of mean_seeds(7-task avg of a) - mean_seeds(7-task avg of b), every evaluation
+    scored on the same resample of each task's pairs."""
     rng = np.random.default_rng(seed)
     deltas = np.zeros(samples)
     for task in STS_TASKS:
-        gold = base[task][1]
+        gold = b[0][task][1]
         idx = rng.integers(0, len(gold), size=(samples, len(gold)))
         gold_ranks = rankdata(gold[idx], axis=1)
-        base_scores = _spearman_rows(base[task][0][idx], gold_ranks)
-        trained_scores = np.mean([_spearman_rows(t[task][0][idx], gold_ranks) for t in trained], axis=0)
-        deltas += (trained_scores - base_scores) / len(STS_TASKS)
+        a_scores = np.mean([_spearman_rows(p[task][0][idx], gold_ranks) for p in a], axis=0)
+        b_scores = np.mean([_spearman_rows(p[task][0][idx], gold_ranks) for p in b], axis=0)
+        deltas += (a_scores - b_scores) / len(STS_TASKS)
     low, high = np.percentile(deltas, [2.5, 97.5])
     return float(low), float(high)
 
@@ -159,6 +166,117 @@ def study_table(runs: list[RunRecord], samples: int = BOOTSTRAP_SAMPLES) -> Tabl
         "every seed), percentile interval of the delta; it holds the test sets' sampling, not the seeds' spread.",
         "ppl_nli final: the perplexity proxy of the final adapter (gen.at_end), mean over seeds.",
     ]
+    return table
+
+
+_RECIPE_KEYS = {"backbone", "objective"}
+
+
+def _setting_keys(cell: Cell) -> set[str]:
+    return {part.split("=", 1)[0] for part in cell.setting.split(",") if "=" in part}
+
+
+def _best_avgs(cell: Cell) -> list[float]:
+    return [float(r.best["eval/sts_avg"]) for r in cell.runs if isinstance(r.best.get("eval/sts_avg"), (int, float))]
+
+
+def _best_pairs(cell: Cell) -> list[Pairs] | None:
+    pairs = [p for r in cell.runs if (p := _pairs_at(r, int(r.best["step"]))) is not None]
+    return pairs if len(pairs) == len(cell.runs) else None
+
+
+def _data_size(cell: Cell) -> int | None:
+    return cell.runs[0].data_size
+
+
+def reference_cell(cell: Cell, cells: list[Cell]) -> Cell | None:
+    """The SemPA cell ``cell`` is compared with: SemPA with the default recipe (a setting that names nothing but
+    the backbone and the objective) on the same backbone and data size; None for such a cell itself."""
+    if cell.method == "sempa" and _setting_keys(cell) <= _RECIPE_KEYS:
+        return None
+    return next((c for c in cells if c.method == "sempa" and _setting_keys(c) <= _RECIPE_KEYS
+                 and c.backbone == cell.backbone and _data_size(c) == _data_size(cell)), None)
+
+
+def study_contrasts_table(runs: list[RunRecord], samples: int = BOOTSTRAP_SAMPLES) -> Table:
+    """Every study setting against SemPA at equal data on the same backbone (question 4, and the step sizes against
+    the default recipe): the difference of the best-by-dev 7-task averages, with a paired bootstrap over the pairs."""
+    columns = ["backbone", "method", "setting", "seeds", "best-by-dev avg", "sd (seeds)", "SemPA setting",
+               "SemPA seeds", "SemPA avg", "SemPA sd", "difference", "95% CI (STS pairs)"]
+    table = Table("study_contrasts", "Small-backbone study: each setting against SemPA at equal data "
+                                     "(best-by-dev 7-task STS avg, Spearman x 100)", columns)
+    cells = study_cells(runs)
+    for cell in cells:
+        ref = reference_cell(cell, cells)
+        if ref is None:
+            continue
+        (mean, sd), (ref_mean, ref_sd) = _mean_sd(_best_avgs(cell)), _mean_sd(_best_avgs(ref))
+        interval = None
+        mine, theirs = _best_pairs(cell), _best_pairs(ref)
+        if mine and theirs:
+            low, high = paired_difference(mine, theirs, samples)
+            interval = f"[{low:+.2f}, {high:+.2f}]"
+        table.rows.append([cell.backbone, method_label(cell.method), cell.label,
+                           ", ".join(str(seed_of(r)) for r in cell.runs), mean, sd, ref.label,
+                           ", ".join(str(seed_of(r)) for r in ref.runs), ref_mean, ref_sd,
+                           None if mean is None or ref_mean is None else mean - ref_mean, interval])
+    table.notes += [
+        "SemPA setting: SemPA with the default recipe (the setting names only the backbone and the objective) on the "
+        "same backbone and data size. difference: mean over this setting's seeds - mean over SemPA's.",
+        f"95% CI: paired bootstrap over the pairs of each STS task ({samples} resamples, every seed of both settings "
+        "scored on the same resample); the seeds' spread is in the sd columns.",
+    ]
+    return table
+
+
+def _proxy_value(record: dict | None, name: str) -> float | None:
+    value = ((record or {}).get("proxy") or {}).get(name)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _gen_average(record: dict | None) -> float | None:
+    value = ((record or {}).get("average") or {}).get("score")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def study_generation_table(runs: list[RunRecord]) -> Table:
+    """Question 5: the perplexity proxy (and the lm-eval average where a run has one) of each setting's final
+    adapters against the untrained backbone's (a generation record of it among the sources, e.g. runs/base)."""
+    columns = ["backbone", "method", "setting", "seeds", "ppl_nli", "sd", "ppl vs base", "logp_margin", "sd ",
+               "lm-eval avg"]
+    table = Table("study_generation", "Small-backbone study: generation proxy of the final adapters against the "
+                                      "untrained backbone", columns)
+    table.decimals = {"ppl vs base": 1, "logp_margin": 3, "sd ": 3}
+    bases: dict[str, dict] = {}
+    for run in sorted(runs, key=lambda r: r.label):
+        if run.backbone and "base" in run.generation and run.backbone not in bases:
+            bases[run.backbone] = run.generation["base"]
+    cells = study_cells(runs)
+    for backbone in sorted({c.backbone for c in cells}):
+        base = bases.get(backbone)
+        base_ppl = _proxy_value(base, "ppl_nli")
+        if base is not None:
+            table.rows.append([backbone, "untrained", "base", "-", base_ppl, None, None,
+                               _proxy_value(base, "logp_margin"), None, _gen_average(base)])
+        for cell in (c for c in cells if c.backbone == backbone):
+            finals = [r.generation.get("final") for r in cell.runs]
+            ppl, ppl_sd = _mean_sd([v for f in finals if (v := _proxy_value(f, "ppl_nli")) is not None])
+            margin, margin_sd = _mean_sd([v for f in finals if (v := _proxy_value(f, "logp_margin")) is not None])
+            scores = [v for f in finals if (v := _gen_average(f)) is not None]
+            table.rows.append([backbone, method_label(cell.method), cell.label,
+                               ", ".join(str(seed_of(r)) for r in cell.runs), ppl, ppl_sd,
+                               None if ppl is None or base_ppl is None else 100.0 * (ppl / base_ppl - 1.0),
+                               margin, margin_sd, float(np.mean(scores)) if scores else None])
+    table.notes += [
+        "ppl_nli: perplexity of held-out NLI hypotheses given their premise's prompt; logp_margin: mean log-prob of "
+        "the entailment minus the contradiction (what DPO trains). Mean and sd over the seeds' final adapters "
+        "(gen.at_end). ppl vs base: the change in %.",
+        "base: the untrained backbone, from a generation record among the report's sources "
+        "(python -m sempa_exp.gen_eval backbone=B 'gen.tasks=[]' writes runs/base/B); lm-eval avg only "
+        "where a run was scored on the benchmarks (python -m sempa_exp.gen_eval gen=quick gen.target=RUN).",
+    ]
+    if not bases:
+        table.notes.append("No untrained-backbone generation record among the sources: the base rows are missing.")
     return table
 
 

@@ -10,8 +10,16 @@ import pytest
 from scipy.stats import spearmanr
 
 from analysis import report as report_cli
-from analysis.runs import STS_TASKS, collect_local, shorten_names
-from analysis.study import _spearman_rows, paired_bootstrap, study_cells, study_table
+from analysis.runs import STS_TASKS, RunRecord, collect_local, shorten_names
+from analysis.study import (
+    _spearman_rows,
+    paired_bootstrap,
+    paired_difference,
+    study_cells,
+    study_contrasts_table,
+    study_generation_table,
+    study_table,
+)
 from conftest import TINY_OVERRIDES, compose_config
 from sempa_exp.pipelines import training
 
@@ -123,3 +131,53 @@ def test_a_damaged_pairs_file_leaves_that_interval_missing_not_the_report(study_
     rows = study_table(runs, samples=50).records()
     assert rows[0]["95% CI (STS pairs)"] is None and rows[1]["95% CI (STS pairs)"] is not None
     assert rows[0]["best-by-dev avg"] is not None  # the scores come from results.json, untouched
+
+
+def _as_default_sempa(runs, learning_rate: str) -> None:
+    """Relabel one setting's runs as the default-recipe SemPA cell the contrasts compare with."""
+    for run in runs:
+        if f"trainer.learning_rate={learning_rate}" in run.name:
+            run.short_name = f"objective=sempa,seed={run.config['seed']}"
+
+
+def test_the_contrasts_compare_each_setting_with_default_sempa(study_runs):
+    runs = collect_local([study_runs])
+    shorten_names(runs)
+    assert study_contrasts_table(runs, samples=50).empty  # no default-recipe SemPA cell: nothing to compare with
+    _as_default_sempa(runs, "1e-3")
+    table = study_contrasts_table(runs, samples=200)
+    (row,) = table.records()
+    cells = {c.setting: c for c in study_cells(runs)}
+    mine, ref = cells["trainer.learning_rate=1e-2"], cells["objective=sempa"]
+    mean = np.mean([r.best["eval/sts_avg"] for r in mine.runs])
+    ref_mean = np.mean([r.best["eval/sts_avg"] for r in ref.runs])
+    assert row["SemPA setting"] == ref.label and row["seeds"] == row["SemPA seeds"] == "1, 2"
+    assert row["difference"] == pytest.approx(mean - ref_mean)
+    low, high = (float(x) for x in row["95% CI (STS pairs)"].strip("[]").split(","))
+    assert low <= high
+
+
+def test_the_paired_difference_of_a_setting_with_itself_is_zero():
+    rng = np.random.default_rng(1)
+    pairs = {t: (rng.normal(size=30), rng.integers(0, 6, size=30).astype(float)) for t in STS_TASKS}
+    other = {t: (p + rng.normal(scale=0.5, size=30), g) for t, (p, g) in pairs.items()}
+    assert paired_difference([pairs], [pairs], samples=50) == (0.0, 0.0)
+    low, high = paired_difference([other], [pairs], samples=200)
+    assert low < high
+    assert paired_bootstrap(pairs, [other], samples=200) == (low, high)  # the baseline interval is the same computation
+
+
+def test_the_generation_table_holds_the_final_adapters_against_the_base(study_runs):
+    runs = collect_local([study_runs])
+    shorten_names(runs)
+    table = study_generation_table(runs)
+    assert [r["method"] for r in table.records()] == ["SemPA", "SemPA"]  # no base record among the sources
+    assert any("No untrained-backbone generation record" in n for n in table.notes)
+    base = RunRecord(group="base", name="tiny", status="finished", method="base", kind="generation", backbone="tiny",
+                     generation={"base": {"proxy": {"ppl_nli": 50.0, "logp_margin": 0.25}}})
+    records = study_generation_table([*runs, base]).records()
+    assert records[0]["method"] == "untrained" and records[0]["ppl_nli"] == 50.0
+    for row, cell in zip(records[1:], study_cells(runs), strict=True):
+        ppl = [r.generation["final"]["proxy"]["ppl_nli"] for r in cell.runs]
+        assert row["ppl_nli"] == pytest.approx(np.mean(ppl))
+        assert row["ppl vs base"] == pytest.approx(100 * (np.mean(ppl) / 50.0 - 1))
