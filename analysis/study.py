@@ -239,14 +239,21 @@ def _gen_average(record: dict | None) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def _same_sample(record: dict, base: dict | None) -> bool:
+    """Whether two proxy records scored the same held-out triplets (their fingerprints, where both have one)."""
+    mine, theirs = ((r or {}).get("proxy") or {} for r in (record, base))
+    return mine.get("fingerprint") == theirs.get("fingerprint") or None in (mine.get("fingerprint"),
+                                                                            theirs.get("fingerprint"))
+
+
 def study_generation_table(runs: list[RunRecord]) -> Table:
     """Question 5: the perplexity proxy (and the lm-eval average where a run has one) of each setting's final
     adapters against the untrained backbone's (a generation record of it among the sources, e.g. runs/base)."""
-    columns = ["backbone", "method", "setting", "seeds", "ppl_nli", "sd", "ppl vs base", "logp_margin", "sd ",
-               "lm-eval avg"]
+    columns = ["backbone", "method", "setting", "seeds", "ppl_nli", "ppl sd", "ppl vs base", "logp_margin",
+               "margin sd", "lm-eval avg"]
     table = Table("study_generation", "Small-backbone study: generation proxy of the final adapters against the "
                                       "untrained backbone", columns)
-    table.decimals = {"ppl vs base": 1, "logp_margin": 3, "sd ": 3}
+    table.decimals = {"ppl vs base": 1, "logp_margin": 3, "margin sd": 3}
     bases: dict[str, dict] = {}
     for run in sorted(runs, key=lambda r: r.label):
         if run.backbone and "base" in run.generation and run.backbone not in bases:
@@ -261,16 +268,18 @@ def study_generation_table(runs: list[RunRecord]) -> Table:
         for cell in (c for c in cells if c.backbone == backbone):
             finals = [r.generation.get("final") for r in cell.runs]
             ppl, ppl_sd = _mean_sd([v for f in finals if (v := _proxy_value(f, "ppl_nli")) is not None])
+            comparable = base_ppl is not None and all(_same_sample(f, base) for f in finals if f)
             margin, margin_sd = _mean_sd([v for f in finals if (v := _proxy_value(f, "logp_margin")) is not None])
             scores = [v for f in finals if (v := _gen_average(f)) is not None]
             table.rows.append([backbone, method_label(cell.method), cell.label,
                                ", ".join(str(seed_of(r)) for r in cell.runs), ppl, ppl_sd,
-                               None if ppl is None or base_ppl is None else 100.0 * (ppl / base_ppl - 1.0),
+                               100.0 * (ppl / base_ppl - 1.0) if ppl is not None and comparable else None,
                                margin, margin_sd, float(np.mean(scores)) if scores else None])
     table.notes += [
         "ppl_nli: perplexity of held-out NLI hypotheses given their premise's prompt; logp_margin: mean log-prob of "
         "the entailment minus the contradiction (what DPO trains). Mean and sd over the seeds' final adapters "
-        "(gen.at_end). ppl vs base: the change in %.",
+        "(gen.at_end). ppl vs base: the change in %, only where both scored the same held-out triplets (the "
+        "proxy's fingerprint).",
         "base: the untrained backbone, from a generation record among the report's sources "
         "(python -m sempa_exp.gen_eval backbone=B 'gen.tasks=[]' writes runs/base/B); lm-eval avg only "
         "where a run was scored on the benchmarks (python -m sempa_exp.gen_eval gen=quick gen.target=RUN).",

@@ -181,3 +181,7 @@ def test_the_generation_table_holds_the_final_adapters_against_the_base(study_ru
         ppl = [r.generation["final"]["proxy"]["ppl_nli"] for r in cell.runs]
         assert row["ppl_nli"] == pytest.approx(np.mean(ppl))
         assert row["ppl vs base"] == pytest.approx(100 * (np.mean(ppl) / 50.0 - 1))
+    other = RunRecord(group="base", name="tiny", status="finished", method="base", kind="generation",
+                      backbone="tiny", generation={"base": {"proxy": {"ppl_nli": 50.0, "fingerprint": "another"}}})
+    records = study_generation_table([*runs, other]).records()
+    assert [r["ppl vs base"] for r in records[1:]] == [None, None]  # not the same held-out triplets: no ratio
