@@ -298,3 +298,13 @@ def test_an_unsupported_architecture_is_refused_by_name():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=16))
     with pytest.raises(ConfigError, match="'gpt2' is not supported.*gemma3_text.*llama"):
         decoder_parts(model)
+
+
+def test_an_autoregembed_run_is_scored_only_with_its_own_read_out(tmp_path):
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({
+        "backbone": {"name": "tiny"}, "embed": {"name": "autoregembed"}, "objective": {"compress_tokens": 5}}))
+    with pytest.raises(ConfigError, match="pass embed=autoregembed"):
+        check_backbone(adapter, "tiny", "prompteol")
+    assert check_backbone(adapter, "tiny", "autoregembed")["embed"]["name"] == "autoregembed"

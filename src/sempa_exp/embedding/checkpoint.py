@@ -83,6 +83,11 @@ def check_backbone(adapter_dir: Path, backbone_name: str, embed_name: str) -> di
         raise ConfigError(f"the adapter in {adapter_dir} was trained on backbone={trained_on}, not {backbone_name}; "
                           f"pass backbone={trained_on}")
     trained_embed = (run_config.get("embed") or {}).get("name")
+    compressed = ((run_config.get("objective") or {}).get("compress_tokens"))
+    if compressed and trained_embed and trained_embed != embed_name:
+        # its <EMBED*> tokens are read only by its own read-out: another prompt scores an untrained-looking model
+        raise ConfigError(f"the adapter in {adapter_dir} is an AutoRegEmbed run read out with embed={trained_embed}; "
+                          f"pass embed={trained_embed} (this evaluation has embed={embed_name})")
     if trained_embed and trained_embed != embed_name:
         log.warning("the run evaluated with embed=%s; this evaluation uses embed=%s", trained_embed, embed_name)
     return run_config
