@@ -136,7 +136,7 @@ def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
 
 def study_table(runs: list[RunRecord], samples: int = BOOTSTRAP_SAMPLES) -> Table:
     columns = ["backbone", "method", "setting", "seeds", "PromptEOL avg", "best-by-dev avg", "sd (seeds)",
-               "delta", "95% CI (STS pairs)", "PromptEOL STS-B dev", "best STS-B dev", "best at samples",
+               "delta", "95% CI (STS pairs)", "start STS-B dev", "best STS-B dev", "best at samples",
                "ppl_nli final", "baseline source"]
     table = Table("study", "Small-backbone study: the best-by-dev checkpoint against the untrained baseline "
                            "(7-task STS avg, Spearman x 100)", columns)
@@ -165,6 +165,8 @@ def study_table(runs: list[RunRecord], samples: int = BOOTSTRAP_SAMPLES) -> Tabl
         f"95% CI: paired bootstrap over the pairs of each STS task ({samples} resamples, the same for baseline and "
         "every seed), percentile interval of the delta; it holds the test sets' sampling, not the seeds' spread.",
         "ppl_nli final: the perplexity proxy of the final adapter (gen.at_end), mean over seeds.",
+        "start STS-B dev: the run's own step 0, mean over seeds: the untrained PromptEOL for a run that starts from "
+        "the backbone; AutoRegEmbed's stage 2 starts from its stage-1 adapter, read out with its own embedding.",
     ]
     return table
 

@@ -66,6 +66,8 @@ def test_the_study_table_is_computed_from_the_runs(study_runs):
         assert row["best-by-dev avg"] == pytest.approx(np.mean(avgs))
         assert row["sd (seeds)"] == pytest.approx(np.std(avgs, ddof=1))
         assert row["delta"] == pytest.approx(np.mean(avgs) - row["PromptEOL avg"])
+        assert row["start STS-B dev"] == pytest.approx(np.mean([r.start["eval/stsb_dev"] for r in cell.runs]))
+        assert row["best STS-B dev"] == pytest.approx(np.mean([r.best["eval/stsb_dev"] for r in cell.runs]))
         low, high = (float(x) for x in row["95% CI (STS pairs)"].strip("[]").split(","))
         assert low <= high
         assert row["ppl_nli final"] is not None and row["baseline source"].startswith("step 0 of")
