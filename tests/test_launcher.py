@@ -1,12 +1,14 @@
 """The sweep launcher (sempa_exp.launch.launcher) without a cluster: which runs a launch submits, skips or waits for,
 how it reports them, and a real 2-run sweep through ``hydra/launcher=submitit_local`` (submitit's local executor, one
-process per run) then its relaunch, which recomputes nothing and hands Hydra the same values. The SLURM side (job
-arrays, preemption, cancellation) is test_slurm.py's, with a real cluster."""
+process per run) then its relaunch, which recomputes nothing and hands Hydra the same values, also from archived
+records on a fresh runs directory. The SLURM side (job arrays, preemption, cancellation) is test_slurm.py's, with a
+real cluster."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +29,7 @@ from sempa_exp.config.registry import register_all
 from sempa_exp.launch import launcher
 from sempa_exp.launch.launcher import PlannedRun, SweepError, SweepLauncherMixin, job_marker
 from sempa_exp.records import identity
+from sempa_exp.records.archive import archive
 from sempa_exp.records.results import Results, ResultsError, RunKind, read_results, sweep_objective, write_results
 
 # The smallest tiny run: 16 pairs = 2 optimizer steps, one checkpoint, STS-B dev at the end only.
@@ -307,6 +310,18 @@ def test_local_sweep_runs_each_job_once_and_a_relaunch_recomputes_nothing(sweep_
     assert {d: (d / "results.json").stat().st_mtime_ns for d in dirs} == states
     # a skipped run hands the sweeper the value of the run that wrote its record
     assert [(r.status, r.return_value) for r in again] == [(r.status, r.return_value) for r in first]
+
+    # a fresh machine: the runs directory is gone, the records were archived (no weights) and are copied back
+    assert any(group.rglob("*.safetensors"))
+    kept = archive([group], tmp_path / "records")
+    assert sorted(kept.copied) == sorted(f"lr/{d.name}" for d in dirs) and not kept.refused
+    assert not any((tmp_path / "records").rglob("*.safetensors"))
+    shutil.rmtree(tmp_path / "runs")
+    assert sorted(archive([tmp_path / "records"], tmp_path / "runs").copied) == sorted(kept.copied)
+    restored = multirun(overrides, train.main.__wrapped__)
+    out = capsys.readouterr().out
+    assert "[sempa-exp] submitted" not in out and out.count("skipped (already finished)") == 2
+    assert [(r.status, r.return_value) for r in restored] == [(r.status, r.return_value) for r in first]
 
 
 def test_a_jobs_user_message_is_found_even_after_text_without_its_newline(tmp_path):

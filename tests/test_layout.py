@@ -23,6 +23,7 @@ ENTRY_POINTS = {
     "sempa_exp.gen_eval": "sempa_exp.pipelines.generation",
     "sempa_exp.sync_wandb": "sempa_exp.records.wandb_sync",
     "sempa_exp.gen_report": "sempa_exp.evaluation.generation_table",
+    "sempa_exp.archive": "sempa_exp.records.archive",
 }
 HEAVY = {"torch", "transformers", "trl", "peft", "datasets", "accelerate", "wandb", "lm_eval", "numpy", "scipy",
          "matplotlib", "sentence_transformers", "submitit", "gguf", "sklearn", "pandas"}

@@ -1,0 +1,124 @@
+"""Run records kept apart from the machine that made them: a copy of finished run directories without their weights.
+
+A run directory holds two kinds of files: the records (config, results, metrics, the per-pair similarities of each
+evaluation, the attempt log) that the report reads, and the weights (checkpoints, adapters) that only resuming and
+re-scoring need. The records are small (tens of KB per run) and are what a study's conclusions rest on, so a study
+keeps them where they outlive the machine, e.g. in the repository (``study/records/``), and a sweep relaunched on a
+fresh machine skips what they hold after they are copied back into the runs directory: the copy has the layout
+``<dest>/<run.group>/<run name>`` of ``<runs_dir>``, so the same command goes both ways.
+
+A file already in the destination is never changed unless ``update`` is asked for, and never deleted; a destination
+run whose saved config differs from the source's is another experiment under the same name and is refused.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sempa_exp.config.schema import ConfigError
+from sempa_exp.records.identity import CONFIG_JSON
+from sempa_exp.records.results import RESULTS_FILE, is_finished
+
+WEIGHT_DIRS = frozenset({"checkpoints", "adapter", "wandb"})
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"})
+MAX_RECORD_BYTES = 5 * 2**20  # a larger file is not a record (a stray weight or cache); skipped and named
+
+
+class ArchiveError(ConfigError):
+    """A source that does not exist or holds no run directory."""
+
+
+@dataclass
+class ArchiveReport:
+    copied: list[str] = field(default_factory=list)  # runs with at least one file added or replaced
+    unchanged: list[str] = field(default_factory=list)
+    unfinished: list[str] = field(default_factory=list)  # not archived: their records are not final
+    differs: list[str] = field(default_factory=list)  # "run: file, ..." left alone (update not asked for)
+    refused: list[str] = field(default_factory=list)  # "run: why"
+    too_large: list[str] = field(default_factory=list)  # files over MAX_RECORD_BYTES, not copied
+
+    def lines(self) -> list[str]:
+        out = [f"{len(self.copied)} run(s) copied, {len(self.unchanged)} unchanged"]
+        out += [f"  copied     {r}" for r in self.copied]
+        out += [f"  unfinished {r} (not archived)" for r in self.unfinished]
+        out += [f"  differs    {r} (left as it is; --update replaces it)" for r in self.differs]
+        out += [f"  REFUSED    {r}" for r in self.refused]
+        out += [f"  too large  {f} (not copied)" for f in self.too_large]
+        return out
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run's folder: its saved config, or only a results.json (gen_eval's record of an untrained backbone)."""
+    return path.is_dir() and ((path / CONFIG_JSON).is_file() or (path / RESULTS_FILE).is_file())
+
+
+def find_runs(source: Path) -> list[Path]:
+    """Run directories at or below ``source``: a run directory, a sweep directory or a whole runs directory."""
+    if not source.is_dir():
+        raise ArchiveError(f"{source} is not a directory")
+    if is_run_dir(source):
+        return [source]
+    found: list[Path] = []
+    for child in sorted(source.iterdir()):
+        if child.is_dir() and not child.name.startswith(".") and child.name not in WEIGHT_DIRS:
+            found += [child] if is_run_dir(child) else find_runs(child)
+    return found
+
+
+def record_files(run_dir: Path) -> Iterable[Path]:
+    """The run's record files, relative to it: everything but weights, hidden files (the lock) and weight folders."""
+    for path in sorted(run_dir.rglob("*")):
+        rel = path.relative_to(run_dir)
+        if any(part in WEIGHT_DIRS or part.startswith(".") for part in rel.parts):
+            continue
+        if path.is_file() and not path.is_symlink() and path.suffix not in WEIGHT_SUFFIXES:
+            yield rel
+
+
+def _same_config(a: Path, b: Path) -> bool:
+    return json.loads(a.read_text()) == json.loads(b.read_text())
+
+
+def archive(sources: Iterable[Path | str], dest: Path | str, update: bool = False) -> ArchiveReport:
+    """Copies the records of every finished run under ``sources`` to ``dest/<group>/<name>`` (see the module doc)."""
+    dest = Path(dest)
+    report = ArchiveReport()
+    runs = [run for source in sources for run in find_runs(Path(source).expanduser())]
+    if not runs:
+        raise ArchiveError(f"no run directory (a folder with {CONFIG_JSON} or {RESULTS_FILE}) under "
+                           f"{', '.join(map(str, sources))}")
+    for run in runs:
+        label = f"{run.parent.name}/{run.name}"
+        if not is_finished(run):
+            report.unfinished.append(label)
+            continue
+        target = dest / run.parent.name / run.name
+        configs = (run / CONFIG_JSON, target / CONFIG_JSON)
+        if all(c.is_file() for c in configs) and not _same_config(*configs):
+            report.refused.append(f"{label}: {target / CONFIG_JSON} is another experiment's config (same name, "
+                                  f"different settings); archive it elsewhere or remove that folder")
+            continue
+        added, differing = [], []
+        for rel in record_files(run):
+            src, dst = run / rel, target / rel
+            if src.stat().st_size > MAX_RECORD_BYTES:
+                report.too_large.append(str(src))
+            elif not dst.exists():
+                added.append(rel)
+            elif not filecmp.cmp(src, dst, shallow=False):
+                differing.append(rel)
+        if differing and not update:
+            report.differs.append(f"{label}: {', '.join(map(str, differing))}")
+            differing = []
+        for rel in added + differing:
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            tmp = (target / rel).with_name(f".{rel.name}.tmp")
+            shutil.copy2(run / rel, tmp)
+            tmp.replace(target / rel)  # a kill leaves the old file or the new one, never half of one
+        (report.copied if added or differing else report.unchanged).append(label)
+    return report
