@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from analysis.runs import collect_local
 from sempa_exp import archive as archive_cli
 from sempa_exp.records import archive as archive_mod
 from sempa_exp.records.archive import ArchiveError, archive
@@ -47,6 +48,9 @@ def test_only_the_records_of_finished_runs_are_copied(tmp_path):
         "config.json", "metrics.jsonl", "results.json", "sts_pairs/step-0.npz")}
     kept = tmp_path / "records" / "study" / "seed=1"
     assert read_results(kept).finished and (kept / "results.json").read_bytes() == (done / "results.json").read_bytes()
+    # the report reads the archive as it reads the run directory
+    (source,), (copy,) = collect_local([done]), collect_local([tmp_path / "records"])
+    assert (copy.status, copy.final, copy.evaluations) == (source.status, source.final, source.evaluations)
     # a second archive of the same runs changes nothing
     again = archive([runs / "study"], tmp_path / "records")
     assert again.copied == [] and again.unchanged == ["study/seed=1"]
