@@ -13,11 +13,12 @@ import pytest
 from analysis.runs import collect_local
 from sempa_exp import archive as archive_cli
 from sempa_exp.records import archive as archive_mod
-from sempa_exp.records.archive import ArchiveError, archive
+from sempa_exp.records.archive import ArchiveError, archive, archive_finished_run
 from sempa_exp.records.results import Results, RunKind, read_results, write_results
 
 
-def make_run(runs: Path, group: str, name: str, status: str = "finished", lr: float = 1e-4) -> Path:
+def make_run(runs: Path, group: str, name: str, status: str = "finished", lr: float = 1e-4,
+             run_section: dict | None = None) -> Path:
     run = runs / group / name
     (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     (run / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"w" * 64)
@@ -27,7 +28,8 @@ def make_run(runs: Path, group: str, name: str, status: str = "finished", lr: fl
     np.savez(run / "sts_pairs" / "step-0.npz", stsb_dev=np.arange(4, dtype=np.float32))
     (run / ".lock").write_text("pid 1")
     (run / "stray.pt").write_bytes(b"w" * 64)
-    (run / "config.json").write_text(json.dumps({"run": {"group": group}, "trainer": {"learning_rate": lr}}))
+    (run / "config.json").write_text(json.dumps({"run": run_section or {"group": group},
+                                                 "trainer": {"learning_rate": lr}}))
     (run / "metrics.jsonl").write_text('{"step": 0, "eval/stsb_dev": 70.0}\n')
     write_results(run, Results(kind=RunKind.TRAINING, group=group, name=name, run_dir=str(run), method="sempa",
                                status=status, final={"eval/stsb_dev": 70.0}))
@@ -77,10 +79,34 @@ def test_another_experiment_under_the_same_name_is_refused(tmp_path):
     archive([make_run(tmp_path / "a", "study", "seed=1", lr=1e-4)], tmp_path / "records")
     before = files(tmp_path / "records")
     report = archive([make_run(tmp_path / "b", "study", "seed=1", lr=1e-5)], tmp_path / "records", update=True)
-    assert report.copied == [] and len(report.refused) == 1 and "another experiment's config" in report.refused[0]
+    assert report.copied == [] and len(report.refused) == 1 and "different trainer config" in report.refused[0]
     assert files(tmp_path / "records") == before
     record = json.loads((tmp_path / "records" / "study" / "seed=1" / "config.json").read_text())
     assert record["trainer"]["learning_rate"] == 1e-4
+
+
+def test_a_config_differing_outside_the_experiment_is_the_same_run(tmp_path):
+    """Where a run goes and how it logs (the run section) is not the experiment: such a copy is the same run's."""
+    archive([make_run(tmp_path / "a", "study", "seed=1")], tmp_path / "records")
+    later = make_run(tmp_path / "b", "study", "seed=1", run_section={"group": "study", "archive_to": "elsewhere"})
+    report = archive([later], tmp_path / "records", update=True)
+    assert report.copied == ["study/seed=1"] and not report.refused
+
+
+def test_run_archive_to_copies_a_finished_run_and_never_fails_it(tmp_path, caplog):
+    run = make_run(tmp_path / "runs", "study", "seed=1")
+    archive_finished_run(run, None)  # unset: nothing
+    assert not (tmp_path / "records").exists()
+    archive_finished_run(run, str(tmp_path / "records"))
+    assert read_results(tmp_path / "records" / "study" / "seed=1").finished
+    record = read_results(run)
+    record.generation = {"final": {"tasks": {}}}  # gen_eval after the run: its copy follows
+    write_results(run, record)
+    archive_finished_run(run, str(tmp_path / "records"))
+    assert read_results(tmp_path / "records" / "study" / "seed=1").generation == {"final": {"tasks": {}}}
+    (tmp_path / "file").write_text("")  # a destination that cannot be a folder: a warning, no exception
+    archive_finished_run(run, str(tmp_path / "file"))
+    assert "not archived" in caplog.text and "python -m sempa_exp.archive" in caplog.text
 
 
 def test_a_file_too_large_for_a_record_is_named_and_not_copied(tmp_path, monkeypatch):

@@ -283,7 +283,7 @@ def test_a_launch_where_every_run_finishes_returns_their_values_in_order(tmp_pat
 def test_local_sweep_runs_each_job_once_and_a_relaunch_recomputes_nothing(sweep_args, tmp_path, capsys):
     from sempa_exp import train
 
-    overrides = sweep_args("run.group=lr", "trainer.learning_rate=1e-4,3e-4")
+    overrides = sweep_args("run.group=lr", "trainer.learning_rate=1e-4,3e-4", f"run.archive_to={tmp_path / 'records'}")
     first = multirun(overrides, train.main.__wrapped__)  # the function `python -m sempa_exp.train` hands Hydra
     out = capsys.readouterr().out
     assert "[sempa-exp] submitted 2 runs as local job(s)" in out
@@ -311,13 +311,13 @@ def test_local_sweep_runs_each_job_once_and_a_relaunch_recomputes_nothing(sweep_
     # a skipped run hands the sweeper the value of the run that wrote its record
     assert [(r.status, r.return_value) for r in again] == [(r.status, r.return_value) for r in first]
 
-    # a fresh machine: the runs directory is gone, the records were archived (no weights) and are copied back
-    assert any(group.rglob("*.safetensors"))
+    # a fresh machine: the runs directory is gone; each run archived its records when it finished (run.archive_to,
+    # no weights), and they are copied back
+    assert any(group.rglob("*.safetensors")) and not any((tmp_path / "records").rglob("*.safetensors"))
     kept = archive([group], tmp_path / "records")
-    assert sorted(kept.copied) == sorted(f"lr/{d.name}" for d in dirs) and not kept.refused
-    assert not any((tmp_path / "records").rglob("*.safetensors"))
+    assert sorted(kept.unchanged) == sorted(f"lr/{d.name}" for d in dirs) and not kept.copied and not kept.refused
     shutil.rmtree(tmp_path / "runs")
-    assert sorted(archive([tmp_path / "records"], tmp_path / "runs").copied) == sorted(kept.copied)
+    assert sorted(archive([tmp_path / "records"], tmp_path / "runs").copied) == sorted(kept.unchanged)
     restored = multirun(overrides, train.main.__wrapped__)
     out = capsys.readouterr().out
     assert "[sempa-exp] submitted" not in out and out.count("skipped (already finished)") == 2

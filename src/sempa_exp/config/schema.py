@@ -414,6 +414,9 @@ class RunConfig:
     # A requeued SLURM job that restarts the run this many times in a row from the same point (same checkpoint, no new
     # record) stops with an error naming the time limit, instead of looping until max_num_timeout. 0: never.
     max_attempts_without_progress: int = 3
+    # A finished run copies its records (no weights) to <archive_to>/<group>/<name>, and gen_eval after it adds to
+    # them (sempa_exp.records.archive): what a study keeps beyond the machine. None: not archived.
+    archive_to: Optional[str] = None
 
 
 @dataclass

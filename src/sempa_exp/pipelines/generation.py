@@ -28,6 +28,7 @@ from sempa_exp.evaluation.perplexity import build_proxy_set
 from sempa_exp.launch.distributed import device_for
 from sempa_exp.models.backbones import load_backbone
 from sempa_exp.records import identity, rundir
+from sempa_exp.records.archive import archive_finished_run
 from sempa_exp.records.metrics import RunLogger
 from sempa_exp.records.results import Results, RunKind, add_generation, read_results
 
@@ -154,6 +155,7 @@ def run(cfg: DictConfig) -> dict:
         run_logger.summary(metrics)
     finally:
         run_logger.finish()
+    archive_finished_run(target.run_dir, config.run.archive_to or (target.saved or {}).get("run", {}).get("archive_to"))
     from sempa_exp.evaluation.generation_table import print_record
 
     print_record(record, title=f"{target.run_dir} [{target.label}] -> {path}")

@@ -46,6 +46,7 @@ from sempa_exp.models.backbones import backbone_fingerprint, load_backbone
 from sempa_exp.models.lora import lora_folded
 from sempa_exp.objectives.base import Objective, build_objective
 from sempa_exp.records import identity, rundir
+from sempa_exp.records.archive import archive_finished_run
 from sempa_exp.records.metrics import RunLogger, read_metrics, rewind_metrics
 from sempa_exp.records.results import (
     Results,
@@ -269,6 +270,7 @@ class TrainingRun:
                 self.run_logger.summary({k: v for k, v in results.final.items() if k.startswith("eval/")})
                 if cfg.gen.at_end:
                     self.evaluate_generation(final_step)
+                archive_finished_run(run_dir, cfg.run.archive_to)
             exit_code = 0
             return results
         finally:

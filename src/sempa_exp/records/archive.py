@@ -8,21 +8,26 @@ fresh machine skips what they hold after they are copied back into the runs dire
 ``<dest>/<run.group>/<run name>`` of ``<runs_dir>``, so the same command goes both ways.
 
 A file already in the destination is never changed unless ``update`` is asked for, and never deleted; a destination
-run whose saved config differs from the source's is another experiment under the same name and is refused.
+run that is another experiment under the same name (identity.check_same_experiment) is refused. ``run.archive_to``
+makes a run archive itself when it finishes (and gen_eval after it adds to the run's record).
 """
 
 from __future__ import annotations
 
 import filecmp
 import json
+import logging
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sempa_exp.config.schema import ConfigError
+from sempa_exp.records import identity
 from sempa_exp.records.identity import CONFIG_JSON
-from sempa_exp.records.results import RESULTS_FILE, is_finished
+from sempa_exp.records.results import RESULTS_FILE, is_finished, kind_of_config
+
+log = logging.getLogger(__name__)
 
 WEIGHT_DIRS = frozenset({"checkpoints", "adapter", "wandb"})
 WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"})
@@ -80,10 +85,6 @@ def record_files(run_dir: Path) -> Iterable[Path]:
             yield rel
 
 
-def _same_config(a: Path, b: Path) -> bool:
-    return json.loads(a.read_text()) == json.loads(b.read_text())
-
-
 def archive(sources: Iterable[Path | str], dest: Path | str, update: bool = False) -> ArchiveReport:
     """Copies the records of every finished run under ``sources`` to ``dest/<group>/<name>`` (see the module doc)."""
     dest = Path(dest)
@@ -98,11 +99,13 @@ def archive(sources: Iterable[Path | str], dest: Path | str, update: bool = Fals
             report.unfinished.append(label)
             continue
         target = dest / run.parent.name / run.name
-        configs = (run / CONFIG_JSON, target / CONFIG_JSON)
-        if all(c.is_file() for c in configs) and not _same_config(*configs):
-            report.refused.append(f"{label}: {target / CONFIG_JSON} is another experiment's config (same name, "
-                                  f"different settings); archive it elsewhere or remove that folder")
-            continue
+        if (run / CONFIG_JSON).is_file():
+            config = json.loads((run / CONFIG_JSON).read_text())
+            try:
+                identity.check_same_experiment(target, config, kind_of_config(config))
+            except ConfigError as exc:
+                report.refused.append(f"{label}: {exc}")
+                continue
         added, differing = [], []
         for rel in record_files(run):
             src, dst = run / rel, target / rel
@@ -122,3 +125,21 @@ def archive(sources: Iterable[Path | str], dest: Path | str, update: bool = Fals
             tmp.replace(target / rel)  # a kill leaves the old file or the new one, never half of one
         (report.copied if added or differing else report.unchanged).append(label)
     return report
+
+
+def archive_finished_run(run_dir: Path | str, dest: str | None) -> None:
+    """``run.archive_to``: the finished run's records copied to ``dest`` (replacing its earlier copy there: this run
+    is their source). A failure is a warning, never the run's failure: ``python -m sempa_exp.archive`` can redo it."""
+    if not dest:
+        return
+    run_dir = Path(run_dir)
+    try:
+        report = archive([run_dir], Path(dest).expanduser(), update=True)
+    except (OSError, ConfigError) as exc:
+        log.warning("run.archive_to: %s not archived (%s); python -m sempa_exp.archive %s --to %s does it",
+                    run_dir, exc, run_dir, dest)
+        return
+    for line in report.lines()[1:]:
+        log.warning("run.archive_to: %s", line.strip())
+    if report.copied:
+        log.info("run.archive_to: records of %s copied to %s", run_dir, Path(dest) / run_dir.parent.name / run_dir.name)

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # Overrides that do not change what a run computes: left out of run names.
 NOT_IN_NAME = (
     "experiment", "run.group", "run.name", "run.resume", "run.skip_finished", "run.device", "run.num_threads",
-    "run.max_attempts_without_progress",
+    "run.max_attempts_without_progress", "run.archive_to",
     "logger", "logger.mode", "logger.project", "logger.entity",
     "paths.data_dir", "paths.runs_dir", "paths.cache_dir",
     "eval.batch_size",
