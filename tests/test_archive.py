@@ -127,6 +127,11 @@ def test_the_command_line(tmp_path, capsys):
         archive_cli.main([str(tmp_path / "nowhere"), "--to", str(tmp_path / "records")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"[sempa-exp] error: {tmp_path / 'nowhere'} is not a directory"
+    broken = make_run(runs, "study", "seed=2")
+    (broken / "results.json").write_text("{damaged")  # named; the other runs are still archived
+    assert archive_cli.main([str(runs), "--to", str(tmp_path / "records")]) == 1
+    out = capsys.readouterr().out
+    assert "0 run(s) copied, 1 unchanged" in out and "REFUSED    study/seed=2: " in out and "results.json" in out
     (tmp_path / "empty").mkdir()
     with pytest.raises(ArchiveError, match="no run directory"):
         archive([tmp_path / "empty"], tmp_path / "records")

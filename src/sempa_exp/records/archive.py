@@ -87,15 +87,20 @@ def record_files(run_dir: Path) -> Iterable[Path]:
 
 def archive(sources: Iterable[Path | str], dest: Path | str, update: bool = False) -> ArchiveReport:
     """Copies the records of every finished run under ``sources`` to ``dest/<group>/<name>`` (see the module doc)."""
-    dest = Path(dest)
+    dest, sources = Path(dest), [Path(source).expanduser() for source in sources]
     report = ArchiveReport()
-    runs = [run for source in sources for run in find_runs(Path(source).expanduser())]
+    runs = [run for source in sources for run in find_runs(source)]
     if not runs:
         raise ArchiveError(f"no run directory (a folder with {CONFIG_JSON} or {RESULTS_FILE}) under "
                            f"{', '.join(map(str, sources))}")
     for run in runs:
         label = f"{run.parent.name}/{run.name}"
-        if not is_finished(run):
+        try:
+            finished = is_finished(run)
+        except ConfigError as exc:  # a damaged results.json: named, the other runs still archived
+            report.refused.append(f"{label}: {exc}")
+            continue
+        if not finished:
             report.unfinished.append(label)
             continue
         target = dest / run.parent.name / run.name
