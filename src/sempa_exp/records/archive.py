@@ -144,7 +144,9 @@ def archive_finished_run(run_dir: Path | str, dest: str | None) -> None:
         log.warning("run.archive_to: %s not archived (%s); python -m sempa_exp.archive %s --to %s does it",
                     run_dir, exc, run_dir, dest)
         return
-    for line in report.lines()[1:]:
-        log.warning("run.archive_to: %s", line.strip())
+    if report.unfinished:  # gen_eval of an unfinished run's checkpoint: archived once the run finishes
+        log.info("run.archive_to: %s is not finished; archived when it is", run_dir)
+    for problem in report.differs + report.refused + report.too_large:
+        log.warning("run.archive_to: %s", problem)
     if report.copied:
         log.info("run.archive_to: records of %s copied to %s", run_dir, Path(dest) / run_dir.parent.name / run_dir.name)
