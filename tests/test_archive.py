@@ -132,6 +132,11 @@ def test_the_command_line(tmp_path, capsys):
     assert archive_cli.main([str(runs), "--to", str(tmp_path / "records")]) == 1
     out = capsys.readouterr().out
     assert "0 run(s) copied, 1 unchanged" in out and "REFUSED    study/seed=2: " in out and "results.json" in out
+    (broken / "results.json").unlink()
+    make_run(runs, "study", "seed=3")
+    (runs / "study" / "seed=3" / "config.json").write_text("{damaged")  # the same: named, not a traceback
+    assert archive_cli.main([str(runs), "--to", str(tmp_path / "records")]) == 1
+    assert "REFUSED    study/seed=3: " in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
     with pytest.raises(ArchiveError, match="no run directory"):
         archive([tmp_path / "empty"], tmp_path / "records")

@@ -15,7 +15,6 @@ makes a run archive itself when it finishes (and gen_eval after it adds to the r
 from __future__ import annotations
 
 import filecmp
-import json
 import logging
 import shutil
 from collections.abc import Iterable
@@ -104,13 +103,13 @@ def archive(sources: Iterable[Path | str], dest: Path | str, update: bool = Fals
             report.unfinished.append(label)
             continue
         target = dest / run.parent.name / run.name
-        if (run / CONFIG_JSON).is_file():
-            config = json.loads((run / CONFIG_JSON).read_text())
-            try:
+        try:  # a damaged config.json on either side is named (identity.saved_config), the other runs still archived
+            config = identity.saved_config(run)
+            if config is not None:
                 identity.check_same_experiment(target, config, kind_of_config(config))
-            except ConfigError as exc:
-                report.refused.append(f"{label}: {exc}")
-                continue
+        except ConfigError as exc:
+            report.refused.append(f"{label}: {exc}")
+            continue
         added, differing = [], []
         for rel in record_files(run):
             src, dst = run / rel, target / rel
