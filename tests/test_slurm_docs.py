@@ -3,12 +3,28 @@ submission script is generated, not submitted)."""
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from sempa_exp.config.location import CONF_DIR
 from sempa_exp.config.registry import register_all
+
+
+@pytest.fixture(autouse=True)
+def srun_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit's SlurmExecutor refuses to exist without an `srun` on PATH, though nothing here is submitted; a stand-in
+    that fails if it is ever run keeps these tests off any real scheduler."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text("#!/bin/sh\necho 'srun must not run in test_slurm_docs' >&2\nexit 1\n")
+    srun.chmod(srun.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
 def submission_script(*overrides: str) -> str:
