@@ -65,6 +65,7 @@ def build_report(runs: list[RunRecord], out: Path, *, sources: list[str] | None 
     t["study"] = study.study_table(runs)
     t["study_contrasts"] = study.study_contrasts_table(runs)
     t["study_generation"] = study.study_generation_table(runs)
+    t["study_benchmarks"] = study.study_benchmarks_table(runs)
     f = report.figures
     f["data_size"] = figures.data_size_figure(runs, paper)
     f["pca"] = figures.pca_figure(pca_panels, pca_problems)
@@ -94,7 +95,8 @@ def build_report(runs: list[RunRecord], out: Path, *, sources: list[str] | None 
         Section("Aligned tokens and GAR", tables=[t["gar"], t["aligned_tokens"]]),
         Section("Training curves", figures=[f["training_curves"]]),
         Section("Generation capability", tables=[t["generation"]]),
-        Section("Small-backbone study", tables=[t["study"], t["study_contrasts"], t["study_generation"]],
+        Section("Small-backbone study",
+                tables=[t["study"], t["study_contrasts"], t["study_generation"], t["study_benchmarks"]],
                 figures=[f["study_curves"]]),
         Section("W&B dashboard", text=dash_text),
     ]

@@ -7,6 +7,10 @@ it is finished and its results hold ``best_checkpoint`` (``eval.at_best``). The 
 task (the same resample for the baseline and every seed: paired), recomputes each Spearman, and takes the 2.5 and 97.5
 percentiles of (mean over seeds of the trained 7-task average) - (the baseline's); it measures how much the test
 pairs' sampling moves the difference, the seeds' spread is its own column.
+
+Question 5's tables: the perplexity proxy of each setting's final adapters against the untrained backbone's, and the
+lm-eval benchmarks the same way, paired by document (each record keeps every document's outcome, ``per_doc``), with a
+bootstrap interval over the documents.
 """
 
 from __future__ import annotations
@@ -288,6 +292,77 @@ def study_generation_table(runs: list[RunRecord]) -> Table:
     ]
     if not bases:
         table.notes.append("No untrained-backbone generation record among the sources: the base rows are missing.")
+    return table
+
+
+def _doc_values(record: dict | None, task: str) -> tuple[dict[tuple[str, int], float], str | None] | None:
+    """One generation record's per-document values of a benchmark, keyed (lm-eval task, doc_id), and the digest of
+    the documents it read; None where it has none (an older record, a failed task)."""
+    entry = ((record or {}).get("tasks") or {}).get(task) or {}
+    if entry.get("status") != "ok" or not entry.get("per_doc"):
+        return None
+    values = {(leaf, int(d)): float(v) for leaf, docs in entry["per_doc"].items()
+              for d, v in zip(docs["doc_id"], docs["value"])}
+    return values, entry.get("data_sha256")
+
+
+def benchmark_difference(base: dict[tuple[str, int], float], trained: list[dict[tuple[str, int], float]],
+                         samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, float] | None:
+    """On the documents every record scored: the base's score, the seeds' mean score, their difference (x 100) and its
+    95 % percentile interval over resamples of the documents (the same resample for the base and every seed)."""
+    keys = sorted(set(base).intersection(*trained))
+    if not keys:
+        return None
+    b = np.array([base[k] for k in keys])
+    t = np.mean([[run[k] for k in keys] for run in trained], axis=0)
+    idx = np.random.default_rng(seed).integers(0, len(keys), size=(samples, len(keys)))
+    low, high = np.percentile(100.0 * (t[idx] - b[idx]).mean(axis=1), [2.5, 97.5])
+    return {"n": len(keys), "base": 100.0 * b.mean(), "trained": 100.0 * t.mean(),
+            "difference": 100.0 * (t.mean() - b.mean()), "low": float(low), "high": float(high)}
+
+
+def study_benchmarks_table(runs: list[RunRecord], samples: int = BOOTSTRAP_SAMPLES) -> Table:
+    """Question 5 on the lm-eval benchmarks: each setting's final adapters against the untrained backbone, question by
+    question (the records' per-document outcomes), on the documents both scored."""
+    columns = ["backbone", "method", "setting", "seeds", "benchmark", "documents", "untrained", "trained",
+               "difference", "95% CI (documents)"]
+    table = Table("study_benchmarks", "Small-backbone study: lm-eval benchmarks of the final adapters against the "
+                                      "untrained backbone, paired by document (score x 100)", columns)
+    bases: dict[str, dict] = {}
+    for run in sorted(runs, key=lambda r: r.label):
+        if run.backbone and "base" in run.generation and run.backbone not in bases:
+            bases[run.backbone] = run.generation["base"]
+    skipped: list[str] = []
+    for cell in study_cells(runs):
+        base = bases.get(cell.backbone)
+        finals = [r.generation.get("final") for r in cell.runs]
+        tasks = sorted({t for f in finals if f for t in (f.get("tasks") or {})})
+        for task in tasks:
+            base_docs = _doc_values(base, task)
+            trained = [v for f in finals if (v := _doc_values(f, task)) is not None]
+            if base_docs is None or not trained:
+                skipped.append(f"{cell.label} {task}: " + ("no untrained record with its documents"
+                                                           if base_docs is None else "no per-document record"))
+                continue
+            if any(digest != base_docs[1] for _, digest in trained):
+                skipped.append(f"{cell.label} {task}: read other documents than the untrained record (data_sha256)")
+                continue
+            result = benchmark_difference(base_docs[0], [v for v, _ in trained], samples)
+            if result is None:
+                skipped.append(f"{cell.label} {task}: no document scored by both")
+                continue
+            seeds = ", ".join(str(seed_of(r)) for r, f in zip(cell.runs, finals) if _doc_values(f, task))
+            table.rows.append([cell.backbone, method_label(cell.method), cell.label, seeds, task, result["n"],
+                               result["base"], result["trained"], result["difference"],
+                               f"[{result['low']:+.2f}, {result['high']:+.2f}]"])
+    table.notes += [
+        "untrained / trained: the benchmark's headline metric (lm-eval's, x 100) on the documents every record of the "
+        "row scored (a limit such as gen.limits.truthfulqa_mc1=200 scores the first N); trained is the mean over the "
+        "seeds' final adapters (python -m sempa_exp.gen_eval gen.target=RUN).",
+        "95% CI: paired bootstrap over the documents (1000 resamples, the same for the untrained model and every "
+        "seed), percentile interval of the difference; it holds the questions' sampling, not the seeds' spread.",
+    ]
+    table.notes += [f"Not compared: {reason}." for reason in skipped]
     return table
 
 

@@ -78,18 +78,22 @@ def test_local_tasks_run_end_to_end_through_lm_eval(tiny, tmp_path):
     plan = generation.plan_local(generation.BENCHMARKS["truthfulqa_mc1"], tmp_path / "gen", tmp_path)
     task = TaskManager(include_path=str(tmp_path), include_defaults=False).load(plan.lm_eval_task)["tasks"][
         plan.lm_eval_task]
-    correct = 0
+    correct = []
     for doc in task.validation_docs():
         context = tokenizer(task.doc_to_text(doc), add_special_tokens=False)["input_ids"]
         scores = [perplexity.score_continuations(
             model, [(context, tokenizer(" " + choice, add_special_tokens=False)["input_ids"])], 3)[0]
             for choice in task.doc_to_choice(doc)]
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == 0)
-    assert tqa["score"] == pytest.approx(100.0 * correct / 2)
+        correct.append(float(max(range(len(scores)), key=scores.__getitem__) == 0))
+    assert tqa["score"] == pytest.approx(100.0 * sum(correct) / 2)
+    # each question's own outcome is kept, so two records can be compared question by question
+    assert tqa["per_doc"] == {"sempa_local_truthfulqa_mc1": {"doc_id": [0, 1], "value": correct}}
 
     gsm = records["gsm8k_cot"]
     assert gsm["status"] == "ok" and (gsm["n"], gsm["num_fewshot"]) == (2, 8)
     assert gsm["metric"] == "exact_match,strict-match" and 0.0 <= gsm["score"] <= 100.0
+    gsm_docs = gsm["per_doc"]["sempa_local_gsm8k_cot"]
+    assert gsm_docs["doc_id"] == [0, 1] and 100.0 * sum(gsm_docs["value"]) / 2 == pytest.approx(gsm["score"])
     assert records["hellaswag"]["status"] == "unavailable"
     assert "hellaswag/validation.jsonl" in records["hellaswag"]["reason"]
     assert generation.average(records)["tasks"] == ["gsm8k_cot", "truthfulqa_mc1"]

@@ -13,8 +13,10 @@ from analysis import report as report_cli
 from analysis.runs import STS_TASKS, RunRecord, collect_local, shorten_names
 from analysis.study import (
     _spearman_rows,
+    benchmark_difference,
     paired_bootstrap,
     paired_difference,
+    study_benchmarks_table,
     study_cells,
     study_contrasts_table,
     study_generation_table,
@@ -187,3 +189,54 @@ def test_the_generation_table_holds_the_final_adapters_against_the_base(study_ru
                       backbone="tiny", generation={"base": {"proxy": {"ppl_nli": 50.0, "fingerprint": "another"}}})
     records = study_generation_table([*runs, other]).records()
     assert [r["ppl vs base"] for r in records[1:]] == [None, None]  # not the same held-out triplets: no ratio
+
+
+def _tqa(values: dict[int, float], digest: str = "d1") -> dict:
+    """A generation record with TruthfulQA MC1's per-question outcomes (doc_id -> 0/1), as run_benchmarks writes it."""
+    ids = sorted(values)
+    return {"tasks": {"truthfulqa_mc1": {"status": "ok", "score": 100.0 * np.mean([values[i] for i in ids]),
+                                         "data_sha256": digest,
+                                         "per_doc": {"sempa_local_truthfulqa_mc1": {
+                                             "doc_id": ids, "value": [values[i] for i in ids]}}}}}
+
+
+def test_the_benchmarks_table_pairs_each_setting_with_the_base_question_by_question(study_runs):
+    import dataclasses
+
+    rng = np.random.default_rng(3)
+    base_values = {i: float(v) for i, v in enumerate(rng.integers(0, 2, 200))}
+    runs = collect_local([study_runs])
+    shorten_names(runs)
+    cells = study_cells(runs)
+    runs = []
+    for k, cell in enumerate(cells):
+        for j, run in enumerate(cell.runs):
+            # the first setting answers 30 more questions right than the base; the second as the base, and its
+            # second seed scored only the first 150 questions: the table compares those 150
+            values = {i: (1.0 if i < 60 + j else v) for i, v in base_values.items()} if k == 0 else \
+                {i: v for i, v in base_values.items() if j == 0 or i < 150}
+            runs.append(dataclasses.replace(run, generation={**run.generation, "final": _tqa(values)}))
+    base = RunRecord(group="base", name="tiny", status="finished", method="base", kind="generation", backbone="tiny",
+                     generation={"base": _tqa(base_values)})
+    records = study_benchmarks_table([*runs, base]).records()
+    assert [(r["setting"], r["benchmark"], r["documents"]) for r in records] == [
+        (cells[0].label, "truthfulqa_mc1", 200), (cells[1].label, "truthfulqa_mc1", 150)]
+    first = records[0]
+    gains = [sum(1.0 - base_values[i] for i in range(60 + j)) for j in (0, 1)]  # questions newly right, per seed
+    assert first["untrained"] == pytest.approx(100 * np.mean(list(base_values.values())))
+    assert first["trained"] - first["untrained"] == pytest.approx(first["difference"])
+    assert first["difference"] == pytest.approx(100 * np.mean(gains) / 200)
+    low, high = (float(x) for x in first["95% CI (documents)"].strip("[]").split(","))
+    assert 0 < low < first["difference"] < high
+    assert records[1]["difference"] == 0 and records[1]["95% CI (documents)"] == "[+0.00, +0.00]"
+
+    other = dataclasses.replace(base, generation={"base": _tqa(base_values, digest="d2")})
+    table = study_benchmarks_table([*runs, other])
+    assert table.rows == [] and sum("other documents" in n for n in table.notes) == 2
+
+
+def test_the_benchmark_difference_of_a_model_with_itself_is_zero_and_needs_common_documents():
+    values = {("t", i): float(i % 3 == 0) for i in range(90)}
+    same = benchmark_difference(values, [values, values])
+    assert (same["n"], same["difference"], same["low"], same["high"]) == (90, 0, 0, 0)
+    assert benchmark_difference(values, [{("t", 1000): 1.0}]) is None

@@ -225,6 +225,25 @@ def summarize(bench: Benchmark, plan: TaskPlan, results: dict) -> dict[str, Any]
     }
 
 
+def per_document(bench: Benchmark, results: dict) -> dict[str, dict[str, list]] | None:
+    """Each scored document's value of the headline metric, per lm-eval (leaf) task: {task: {doc_id: [...], value:
+    [...]}}. Two records of the same documents can then be compared document by document (a paired interval), which
+    their two means and stderrs cannot. None where lm-eval logged no samples or the metric is not one number per
+    document."""
+    metric, _, filt = bench.metric.partition(",")
+    out: dict[str, dict[str, list]] = {}
+    for task, samples in (results.get("samples") or {}).items():
+        rows = [s for s in samples if s.get("filter") == filt and metric in s]
+        if not rows:
+            continue
+        values = [_finite(s[metric]) for s in rows]
+        if any(v is None for v in values):
+            return None
+        pairs = sorted(zip((int(s["doc_id"]) for s in rows), values))
+        out[task] = {"doc_id": [d for d, _ in pairs], "value": [v for _, v in pairs]}
+    return out or None
+
+
 def run_benchmarks(model, tokenizer, gen: GenConfig, data_dir: Path) -> dict[str, dict[str, Any]]:
     """Runs every configured task through lm-eval; each task's record says ok, unavailable or failed (and why)."""
     import tempfile
@@ -255,9 +274,11 @@ def run_benchmarks(model, tokenizer, gen: GenConfig, data_dir: Path) -> dict[str
             try:
                 results = lm_eval.simple_evaluate(
                     model=lm, tasks=[plan.lm_eval_task], task_manager=task_manager, num_fewshot=bench.num_fewshot,
-                    limit=limit, log_samples=False, bootstrap_iters=gen.bootstrap_iters,
+                    limit=limit, log_samples=True, bootstrap_iters=gen.bootstrap_iters,
                     gen_kwargs={"max_gen_toks": gen.max_gen_toks} if gen.max_gen_toks else None)
                 record = {**summarize(bench, plan, results), "limit": limit}
+                if (docs := per_document(bench, results)) is not None:
+                    record["per_doc"] = docs
             except Exception as exc:  # one task's failure (e.g. the hub unreachable) must not lose the others
                 status = "unavailable" if plan.source == "hub" else "failed"
                 log.error("%s (%s) %s: %s: %s", name, plan.lm_eval_task, status, type(exc).__name__, exc)
