@@ -246,10 +246,14 @@ def _gen_average(record: dict | None) -> float | None:
 
 
 def _same_sample(record: dict, base: dict | None) -> bool:
-    """Whether two proxy records scored the same held-out triplets (their fingerprints, where both have one)."""
+    """Whether two proxy records scored the same held-out triplets (their fingerprints, where both have one) in the
+    same precision (a final adapter's record from before session 13 names none: it was scored in the training dtype,
+    bf16 here, against a float32 base, which moves the perplexity by about half a percent)."""
     mine, theirs = ((r or {}).get("proxy") or {} for r in (record, base))
-    return mine.get("fingerprint") == theirs.get("fingerprint") or None in (mine.get("fingerprint"),
-                                                                            theirs.get("fingerprint"))
+    same_triplets = mine.get("fingerprint") == theirs.get("fingerprint") or None in (mine.get("fingerprint"),
+                                                                                     theirs.get("fingerprint"))
+    dtypes = [((r or {}).get("model") or {}).get("dtype") for r in (record, base)]
+    return same_triplets and dtypes[0] is not None and dtypes[0] == dtypes[1]
 
 
 def study_generation_table(runs: list[RunRecord]) -> Table:
@@ -285,7 +289,7 @@ def study_generation_table(runs: list[RunRecord]) -> Table:
         "ppl_nli: perplexity of held-out NLI hypotheses given their premise's prompt; logp_margin: mean log-prob of "
         "the entailment minus the contradiction (what DPO trains). Mean and sd over the seeds' final adapters "
         "(gen.at_end). ppl vs base: the change in %, only where both scored the same held-out triplets (the "
-        "proxy's fingerprint).",
+        "proxy's fingerprint) in the same precision (the records' model dtype).",
         "base: the untrained backbone, from a generation record among the report's sources "
         "(python -m sempa_exp.gen_eval backbone=B 'gen.tasks=[]' writes runs/base/B); lm-eval avg only "
         "where a run was scored on the benchmarks (python -m sempa_exp.gen_eval gen=quick gen.target=RUN).",

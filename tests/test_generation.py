@@ -296,6 +296,21 @@ def test_gen_eval_on_a_tiny_run_base_and_at_end(tmp_path):
     assert (logged["step"], logged["samples_seen"]) == (2, trained["samples_seen"]) == (2, 16)
 
 
+def test_at_end_of_a_bf16_run_scores_the_proxy_in_gen_evals_precision(tmp_path):
+    """A bf16 run's final adapter is scored as gen_eval (and so the untrained base record) scores it: float32 on a
+    CPU. Before, it was scored in the training's bf16 against a float32 base (Gemma-3: ppl 110.61 vs 111.23)."""
+    root = make_data_root(tmp_path / "data")
+    common = [*TINY_OVERRIDES, f"paths.runs_dir={tmp_path / 'runs'}", "eval=stsb_dev", "eval.ppl_sample=16",
+              "gen.tasks=[]", "backbone.dtype=bfloat16"]
+    run_dir = Path(training.run(compose_config([*common, "gen.at_end=true"], root)).run_dir)
+    at_end = read_results(run_dir).generation["final"]
+    record = gen_eval.run(compose_config([*common, f"gen.target={run_dir}"], root))
+    assert at_end["model"]["dtype"] == record["model"]["dtype"] == "float32"
+    # not equal to the bit: gen_eval loads the backbone in float32, the run's weights were rounded to bf16
+    assert at_end["proxy"]["ppl_nli"] == pytest.approx(record["proxy"]["ppl_nli"], rel=2e-4)
+    assert at_end["proxy"]["logp_margin"] == pytest.approx(record["proxy"]["logp_margin"], abs=2e-4)
+
+
 @pytest.mark.parametrize("override, key", [("gen.limits.mmlu=0", "gen.limits.mmlu"), ("gen.limit=0", "gen.limit"),
                                            ("gen.batch_size=0", "gen.batch_size")])
 def test_bad_generation_settings_are_rejected_before_any_model(override, key, tmp_path):

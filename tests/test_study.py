@@ -178,7 +178,8 @@ def test_the_generation_table_holds_the_final_adapters_against_the_base(study_ru
     assert [r["method"] for r in table.records()] == ["SemPA", "SemPA"]  # no base record among the sources
     assert any("No untrained-backbone generation record" in n for n in table.notes)
     base = RunRecord(group="base", name="tiny", status="finished", method="base", kind="generation", backbone="tiny",
-                     generation={"base": {"proxy": {"ppl_nli": 50.0, "logp_margin": 0.25}}})
+                     generation={"base": {"proxy": {"ppl_nli": 50.0, "logp_margin": 0.25},
+                                          "model": {"dtype": "float32"}}})
     records = study_generation_table([*runs, base]).records()
     assert records[0]["method"] == "untrained" and records[0]["ppl_nli"] == 50.0
     for row, cell in zip(records[1:], study_cells(runs), strict=True):
@@ -189,6 +190,11 @@ def test_the_generation_table_holds_the_final_adapters_against_the_base(study_ru
                       backbone="tiny", generation={"base": {"proxy": {"ppl_nli": 50.0, "fingerprint": "another"}}})
     records = study_generation_table([*runs, other]).records()
     assert [r["ppl vs base"] for r in records[1:]] == [None, None]  # not the same held-out triplets: no ratio
+    # the runs' final adapters were scored in float32 (gen_eval's precision on a CPU), a bf16 base is not comparable
+    assert {r.generation["final"]["model"]["dtype"] for r in runs} == {"float32"}
+    bf16 = RunRecord(group="base", name="tiny", status="finished", method="base", kind="generation", backbone="tiny",
+                     generation={"base": {**base.generation["base"], "model": {"dtype": "bfloat16"}}})
+    assert [r["ppl vs base"] for r in study_generation_table([*runs, bf16]).records()[1:]] == [None, None]
 
 
 def _tqa(values: dict[int, float], digest: str = "d1") -> dict:

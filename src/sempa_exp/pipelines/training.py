@@ -42,7 +42,7 @@ from sempa_exp.evaluation.suites import (
 )
 from sempa_exp.launch.distributed import device_for, world
 from sempa_exp.launch.memory import return_freed_memory
-from sempa_exp.models.backbones import backbone_fingerprint, load_backbone
+from sempa_exp.models.backbones import TORCH_DTYPES, backbone_fingerprint, load_backbone
 from sempa_exp.models.lora import lora_folded
 from sempa_exp.objectives.base import Objective, build_objective
 from sempa_exp.records import identity, rundir
@@ -345,9 +345,14 @@ class TrainingRun:
         from sempa_exp.records.results import add_generation
 
         cfg = self.cfg
+        # gen_eval's precision (gen.dtype, else float32 on CPU), so that the proxy's ratio against the untrained
+        # backbone's (a gen_eval record) compares like with like; the model's last use, so it is cast in place
+        dtype = cfg.gen.dtype or ("float32" if self.device.type == "cpu" else cfg.backbone.dtype)
+        model = self.trainer.model.to(TORCH_DTYPES[dtype])
         info = {"backbone": cfg.backbone.name, "adapter": str(self.prep.run_dir / "adapter"), "merged": False,
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": str(self.device),
                 "step": final_step}
-        record = evaluate_generation(self.trainer.model, self.tokenizer, cfg.gen, data_dir(cfg),
+        record = evaluate_generation(model, self.tokenizer, cfg.gen, data_dir(cfg),
                                      self.prep.eval_data.proxy if cfg.gen.proxy else None, info)
         add_generation(self.prep.run_dir, "final", record, new=read_results(self.prep.run_dir))
         metrics = flat_metrics(record)
