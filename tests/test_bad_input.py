@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import re
 import selectors
 import shutil
 import signal
@@ -200,6 +201,16 @@ def test_bad_config_on_the_command_line_is_one_line_exit_2(data_root, tmp_path):
 def test_bad_config_through_the_fork_server_is_the_same(cli, data_root, tmp_path):
     rc, out, err = cli("sempa_exp.train", train_argv(data_root, tmp_path / "runs", "data.size=0"))
     assert_one_line_error(rc, out, err, "data.size must be > 0, got 0")
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("+trainer.callbacks.stop=3", "trainer.callbacks.stop must be a mapping with a '_target_'"),
+    ("+trainer.callbacks.stop._target_=no_such_module.Stop", "trainer.callbacks.stop: cannot build"),
+    ("+trainer.callbacks.stop._target_=collections.OrderedDict", "is not a transformers.TrainerCallback")])
+def test_bad_trainer_callback_is_one_line_before_a_model_loads(data_root, tmp_path, no_model_load, override, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        training.run(compose_config(train_argv(data_root, tmp_path / "runs", override)))
+    assert not list((tmp_path / "runs").rglob("checkpoint-*"))
 
 
 def test_malformed_sts_file_is_one_line_naming_file_and_line(cli, malformed_sts_root, tmp_path):

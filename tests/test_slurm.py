@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import slurm_hold
 from conftest import compose_config, make_data_root
 from sempa_exp.pipelines import training
 from sempa_exp.records import identity
@@ -48,6 +49,8 @@ def _needs_slurm():
         pytest.skip(reason)
 
 # Every wait below is a guard against a hang, never a condition of passing: generous for a slow, shared machine.
+# A job that a test must stop while it trains is held at a step (slurm_hold) until the test has done so: no test
+# races a job to its end, however fast the machine.
 GUARD_S = 900
 
 # Tiny backbone, 1 CPU per job, torch on one thread (results do not depend on how the node is shared).
@@ -63,9 +66,12 @@ def slurm_data(tmp_path_factory) -> Path:
     return make_data_root(tmp_path_factory.mktemp("slurm_data"))  # under /tmp: visible to slurmd (same machine)
 
 
-def _env(runs_dir: Path, data_root: Path) -> dict[str, str]:
+def _env(runs_dir: Path, data_root: Path, hold: Path | None = None) -> dict[str, str]:
+    python_path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "SEMPA_RUNS_DIR": str(runs_dir), "SEMPA_DATA_DIR": str(data_root),
-            "SEMPA_CACHE_DIR": str(runs_dir.parent / "cache"), "WANDB_MODE": "offline"}
+            "SEMPA_CACHE_DIR": str(runs_dir.parent / "cache"), "WANDB_MODE": "offline",
+            "PYTHONPATH": python_path,  # the jobs import slurm_hold (trainer.callbacks)
+            **({slurm_hold.HOLD_FILE_ENV: str(hold)} if hold else {})}
 
 
 def sweep_cmd(*overrides: str) -> list[str]:
@@ -79,10 +85,15 @@ def run_sweep(runs_dir: Path, data_root: Path, *overrides: str, timeout: int = G
                           text=True, timeout=timeout)
 
 
-def start_sweep(runs_dir: Path, data_root: Path, *overrides: str, log: Path | None = None) -> subprocess.Popen:
-    """The sweep client; its output in a pipe, or in ``log`` (to be read while it runs)."""
+def start_sweep(runs_dir: Path, data_root: Path, *overrides: str, log: Path | None = None,
+                hold: Path | None = None) -> subprocess.Popen:
+    """The sweep client; its output in a pipe, or in ``log`` (to be read while it runs). With ``hold``, every run
+    waits at step slurm_hold.STEP while that file exists (it is created here)."""
+    if hold is not None:
+        hold.touch()
+        overrides = (*overrides, slurm_hold.OVERRIDE)
     out = subprocess.PIPE if log is None else log.open("w")
-    return subprocess.Popen(sweep_cmd(*overrides), cwd=REPO, env=_env(runs_dir, data_root), stdout=out,
+    return subprocess.Popen(sweep_cmd(*overrides), cwd=REPO, env=_env(runs_dir, data_root, hold), stdout=out,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -132,6 +143,14 @@ def squeue_state(job_id: str) -> str:
 def submitit_logs(runs_dir: Path, group: str, job_id: str) -> str:
     files = sorted((runs_dir / group / ".hydra").glob(f"sweep_*/.submitit/{job_id}/{job_id}_*_log.*"))
     return "\n".join(f.read_text(errors="replace") for f in files)
+
+
+def attempts_of(run_dir: Path) -> list[dict]:
+    """The run's attempts.jsonl: one record per allocation that started it (complete lines only: it may be read while
+    a job writes it)."""
+    path = run_dir / "attempts.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line) for line in lines]
 
 
 def train_losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -202,27 +221,29 @@ def test_relaunch_of_a_finished_sweep_submits_nothing(finished_sweep, slurm_data
 
 def test_cancelled_run_is_reported_by_name_and_the_others_finish(tmp_path, slurm_data):
     runs_dir = tmp_path / "runs"
-    # The victim (the 2nd run of the array) trains 30 epochs, so that on a fast machine it is still training when
-    # scancel reaches it; the other two train 2 and 3 epochs (40 and 60 steps).
+    # The victim is the 2nd run of the array; the runs train 2, 30 and 3 epochs (40, 600 and 60 steps), each held at
+    # step 7 until the victim has been cancelled.
+    hold = tmp_path / "hold"
     sweep = ["run.group=cancel", *LONG, "trainer.epochs=2,30,3"]
-    client = start_sweep(runs_dir, slurm_data, *sweep)
+    client = start_sweep(runs_dir, slurm_data, *sweep, hold=hold)
     second = None
     try:
         ids = wait_for(lambda: len(job_ids(runs_dir, "cancel")) == 3 and job_ids(runs_dir, "cancel"), GUARD_S,
                        "the sweep's submission")
         victim = next(name for name, job_id in ids.items() if job_id.endswith("_1"))  # the 2nd run of the array
-        assert "epochs=30" in victim, ids
         # A second launch while the jobs are queued or running (the first client lost, say) submits nothing again:
         # it waits for the jobs of the first one.
         second_log = tmp_path / "second_client.log"
-        second = start_sweep(runs_dir, slurm_data, *sweep, log=second_log)
+        second = start_sweep(runs_dir, slurm_data, *sweep, log=second_log, hold=hold)
         # the victim is cancelled only once the second client has found it (else it would rightly submit it again)
         wait_for(lambda: f"{victim}: still queued or running" in second_log.read_text(), GUARD_S,
                  "the second launch to find the victim's job")
         # cancelled in the middle of training: SIGTERM stops it
-        wait_for(lambda: (runs_dir / "cancel" / victim / "checkpoints" / "checkpoint-5").exists(), GUARD_S,
-                 f"job {ids[victim]} to train")
+        wait_for(lambda: (runs_dir / "cancel" / victim / slurm_hold.MARKER).exists(), GUARD_S,
+                 f"job {ids[victim]} to reach step 7")
+        assert identity.saved_config(runs_dir / "cancel" / victim)["trainer"]["epochs"] == 30, ids
         subprocess.run(["scancel", ids[victim]], check=True, timeout=30)
+        hold.unlink()
         out, _ = client.communicate(timeout=GUARD_S)
         second.wait(timeout=GUARD_S)
         out_second = second_log.read_text()
@@ -256,15 +277,17 @@ def test_a_task_cancelled_while_pending_ends_the_wait_and_is_reported(tmp_path, 
     not wait for it forever but report it by name, and the other run still finishes."""
     runs_dir = tmp_path / "runs"
     # one task at a time: the 2nd run of the array waits (JobArrayTaskLimit) while the 1st trains 40 steps
+    hold = tmp_path / "hold"  # the 1st run waits at step 7 until the 2nd has been cancelled
     sweep = ["run.group=vanish", *LONG, "trainer.epochs=2", "trainer.learning_rate=1e-4,2e-4",
              "hydra.launcher.array_parallelism=1"]
-    client = start_sweep(runs_dir, slurm_data, *sweep)
+    client = start_sweep(runs_dir, slurm_data, *sweep, hold=hold)
     try:
         ids = wait_for(lambda: len(job_ids(runs_dir, "vanish")) == 2 and job_ids(runs_dir, "vanish"), GUARD_S,
                        "the sweep's submission")
         waiting = next(name for name, job_id in ids.items() if job_id.endswith("_1"))
         wait_for(lambda: squeue_state(ids[waiting]) == "PENDING", GUARD_S, f"job {ids[waiting]} to be pending")
         subprocess.run(["scancel", ids[waiting]], check=True, timeout=30)
+        hold.unlink()
         out, _ = client.communicate(timeout=GUARD_S)  # the guard against the old endless wait, not a timing condition
     finally:
         if client.poll() is None:
@@ -283,15 +306,20 @@ def test_a_task_cancelled_while_pending_ends_the_wait_and_is_reported(tmp_path, 
 def test_preempted_run_is_requeued_resumes_and_matches_an_uninterrupted_run(tmp_path, slurm_data, reference_run):
     runs_dir = tmp_path / "runs"
     config = [*LONG, "trainer.epochs=2"]  # 40 steps; a checkpoint every 5
+    hold = tmp_path / "hold"  # the job waits at step 7, after its first checkpoint, until preempted and requeued
     started = time.time()
-    client = start_sweep(runs_dir, slurm_data, "run.group=preempt", *config)
+    client = start_sweep(runs_dir, slurm_data, "run.group=preempt", *config, hold=hold)
     try:
-        ckpt = wait_for(lambda: next((runs_dir / "preempt").glob("*/checkpoints/checkpoint-5/trainer_state.json"),
-                                     None), GUARD_S, "the first checkpoint")
+        run_dir = wait_for(lambda: next((p.parent for p in (runs_dir / "preempt").glob(f"*/{slurm_hold.MARKER}")),
+                                        None), GUARD_S, "the job to reach step 7")
+        ckpt = run_dir / "checkpoints" / "checkpoint-5" / "trainer_state.json"
+        assert ckpt.exists()
         # A job of the "urgent" partition needing every CPU of the node preempts the training job (USR2, requeue).
         cpus = subprocess.run(["sinfo", "--noheader", "--format=%c"], capture_output=True, text=True).stdout.split()[0]
         subprocess.run(["sbatch", "--partition=urgent", f"--cpus-per-task={cpus}", "--job-name=urgent",
                         "--output=/dev/null", "--wrap=sleep 2"], check=True, capture_output=True, timeout=30)
+        wait_for(lambda: len(attempts_of(run_dir)) >= 2, GUARD_S, "the requeued job to start again")
+        hold.unlink()
         out, _ = client.communicate(timeout=GUARD_S)
     finally:
         if client.poll() is None:
@@ -299,7 +327,6 @@ def test_preempted_run_is_requeued_resumes_and_matches_an_uninterrupted_run(tmp_
         cancel_leftovers(runs_dir, "preempt")
     seconds = time.time() - started
     assert client.returncode == 0, out[-4000:]
-    run_dir = ckpt.parents[2]
     job_id = job_ids(runs_dir, "preempt")[run_dir.name]
     logs = submitit_logs(runs_dir, "preempt", job_id)
     assert "this job is preempted" in logs and f"Requeued job {job_id}" in logs
@@ -347,20 +374,28 @@ def test_time_limited_run_requeues_itself_resumes_and_matches_an_uninterrupted_r
     # 32 epochs of 20 steps (here about 285 steps fit in an allocation), a checkpoint every 5 (every allocation
     # reaches several), the final evaluation saved suite by suite
     config = [*LONG, "trainer.epochs=32", "eval.at_end=[geometry,stsb_dev]"]
+    hold = tmp_path / "hold"  # the first allocation waits at step 7 for its time limit: one requeue on any machine
     started = time.time()
+    client = start_sweep(runs_dir, slurm_data, "run.group=limit", *config, *TIME_LIMIT, "logger=wandb",
+                         "logger.mode=offline", hold=hold)
     try:
-        proc = run_sweep(runs_dir, slurm_data, "run.group=limit", *config, *TIME_LIMIT, "logger=wandb",
-                         "logger.mode=offline", timeout=2 * GUARD_S)
+        run_dir = wait_for(lambda: next((p.parent for p in (runs_dir / "limit").glob(f"*/{slurm_hold.MARKER}")),
+                                        None), GUARD_S, "the job to reach step 7")
+        wait_for(lambda: len(attempts_of(run_dir)) >= 2, GUARD_S, "the requeued job to start again")
+        hold.unlink()
+        out, _ = client.communicate(timeout=2 * GUARD_S)
     finally:
+        if client.poll() is None:
+            client.kill()
         cancel_leftovers(runs_dir, "limit")
     seconds = time.time() - started
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (run_dir,) = run_dirs(runs_dir, "limit")
+    assert client.returncode == 0, out[-4000:]
+    assert run_dirs(runs_dir, "limit") == [run_dir]
     job_id = job_ids(runs_dir, "limit")[run_dir.name]
     logs = submitit_logs(runs_dir, "limit", job_id)
     starts, timeouts = starts_and_timeouts(runs_dir, "limit", job_id)
     assert timeouts >= 1 and starts == timeouts + 1 and "resuming from" in logs, logs[-3000:]
-    attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    attempts = attempts_of(run_dir)
     assert len(attempts) == starts and [a["slurm_restart"] for a in attempts] == list(range(len(attempts)))
     progress = [(a["progress"]["checkpoint"], a["progress"]["records"]) for a in attempts]
     assert progress == sorted(set(progress)), progress  # every allocation started further on than the one before

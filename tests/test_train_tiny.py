@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from sempa_exp.embedding.encoder import SentenceEncoder
 from sempa_exp.pipelines import training
@@ -108,3 +108,24 @@ def test_end_of_training_evaluation_reuses_the_last_checkpoints_embeddings(tiny_
     assert results.final_step == 4
     assert {"eval/stsb_dev", "eval/uniformity"} <= set(results.final)
     assert len(embedded) == 2  # the stsb_dev evaluations of steps 2 and 4; geometry at step 4 embedded nothing new
+
+
+class StepRecorder(TrainerCallback):
+    """Built by the run from ``trainer.callbacks`` (this module, by name); records the steps it sees."""
+
+    seen: list[tuple[str, int]] = []
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def on_step_end(self, args, state, control, **kwargs):
+        StepRecorder.seen.append((self.tag, state.global_step))
+
+
+def test_configured_trainer_callback_sees_every_step(tiny_cfg, monkeypatch):
+    monkeypatch.setattr(StepRecorder, "seen", [])
+    results = training.run(tiny_cfg("eval.at_start=[]", "eval.at_checkpoint=[]", "eval.at_end=[]",
+                                    f"+trainer.callbacks.steps._target_={__name__}.StepRecorder",
+                                    "+trainer.callbacks.steps.tag=recorded"))
+    assert results.final_step == 4
+    assert StepRecorder.seen == [("recorded", step) for step in range(1, 5)]

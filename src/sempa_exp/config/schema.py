@@ -224,6 +224,10 @@ class TrainerConfig:
     # N processes as on one (accelerate pads each process's last batch with pairs from the epoch's start). True: an
     # N-process run equals the one-process run with N x the accumulation at every step.
     drop_partial_step: bool = False
+    # Further transformers TrainerCallbacks, by name, each a Hydra ``_target_`` config given on the command line as
+    # +trainer.callbacks.NAME._target_=my_module.MyCallback and +trainer.callbacks.NAME.ARG=VALUE. Built before the
+    # backbone loads; they run after the framework's own (metrics, checkpoint evaluation); part of the experiment.
+    callbacks: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -601,6 +605,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.max_steps must be -1 (the epochs decide) or > 0, got {t.max_steps}")
     if t.save_total_limit is not None:
         _positive("trainer.save_total_limit", t.save_total_limit)
+    for name, callback in t.callbacks.items():
+        if not isinstance(callback, dict) or not isinstance(callback.get("_target_"), str):
+            raise ConfigError(f"trainer.callbacks.{name} must be a mapping with a '_target_' (the callback's class, "
+                              f"e.g. +trainer.callbacks.{name}._target_=my_module.MyCallback), got {callback!r}")
     from transformers.trainer_utils import SchedulerType
 
     schedulers = [s.value for s in SchedulerType]

@@ -44,6 +44,24 @@ def check_target_modules(model: PreTrainedModel, cfg: Config) -> None:
                           f"'all-linear' or a regular expression over full module names, e.g. {', '.join(linear)}")
 
 
+def configured_callbacks(cfg: Config) -> list[TrainerCallback]:
+    """``trainer.callbacks``, built; a class that cannot be imported or built, or is not a TrainerCallback, is a
+    ConfigError naming its key."""
+    from hydra.utils import instantiate
+
+    built = []
+    for name, spec in cfg.trainer.callbacks.items():
+        key = f"trainer.callbacks.{name}"
+        try:
+            callback = instantiate(spec)
+        except Exception as exc:  # Hydra wraps import and constructor errors alike
+            raise ConfigError(f"{key}: cannot build {spec['_target_']!r}: {exc}") from None
+        if not isinstance(callback, TrainerCallback):
+            raise ConfigError(f"{key}: {spec['_target_']!r} is not a transformers.TrainerCallback")
+        built.append(callback)
+    return built
+
+
 def peft_config(cfg: Config) -> PeftLoraConfig:
     return PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=cfg.lora.target_modules, bias="none", task_type="CAUSAL_LM")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
 
 from sempa_exp.config.schema import (
     Config,
@@ -80,6 +81,7 @@ class Prepared:
     world_size: int
     rank: int
     data_identity: dict[str, str]  # content digests of the training and evaluation data (records.identity)
+    callbacks: list[TrainerCallback]  # trainer.callbacks, built
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -87,6 +89,9 @@ def prepare(cfg: DictConfig) -> Prepared:
     refuse_unknown_keys(cfg)
     config: Config = OmegaConf.to_object(cfg)
     validate(config)
+    from sempa_exp.objectives.recipe import configured_callbacks
+
+    callbacks = configured_callbacks(config)
     run_dir = identity.run_dir(cfg)
     world_size, rank = world()
     root = data_dir(config)
@@ -107,7 +112,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     trained_on = [[t.premise, t.entailment, t.contradiction] for t in chosen]
     data_identity = {"train_data": identity.content_digest(trained_on), "eval_data": eval_data_digest(eval_data)}
-    return Prepared(config, resolved, chosen, cleaning, data_file, eval_data, run_dir, world_size, rank, data_identity)
+    return Prepared(config, resolved, chosen, cleaning, data_file, eval_data, run_dir, world_size, rank, data_identity,
+                    callbacks)
 
 
 class TrainingRun:
@@ -241,7 +247,8 @@ class TrainingRun:
 
             dataset = self.objective.dataset(cfg, prep.triplets)
             callbacks = [MetricsCallback(self.run_logger, self.samples_at),
-                         CheckpointEvalCallback(lambda step: self.evaluate_step(step, cfg.eval.at_checkpoint))]
+                         CheckpointEvalCallback(lambda step: self.evaluate_step(step, cfg.eval.at_checkpoint)),
+                         *prep.callbacks]
             self.trainer = self.objective.build_trainer(cfg, model, self.tokenizer, dataset, run_dir / "checkpoints",
                                                         callbacks, prep.world_size, use_cpu=self.device.type == "cpu")
             num_pairs = len(self.trainer.train_dataset)
