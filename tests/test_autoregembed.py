@@ -104,3 +104,20 @@ def test_the_best_stage2_checkpoint_is_loaded_with_its_tokens_for_at_best(tiny_c
     at_two = next(e for e in stage2.evaluations if e["step"] == 2)
     assert stage2.best_checkpoint["step"] == 2
     assert stage2.final["best/stsb_dev"] == pytest.approx(at_two["eval/stsb_dev"], abs=1e-6)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full_finetune"])
+def test_generation_at_the_end_loads_the_run_with_its_tokens(tiny_cfg, data_root, full):
+    """gen.at_end scores the saved run as gen_eval loads it: the backbone with the run's <EMBED*> tokens added, then
+    its adapter (or its full weights); gen_eval on the run gives the same record."""
+    from sempa_exp.pipelines import generation
+    from sempa_exp.records.results import read_results
+
+    common = ["eval=stsb_dev", "eval.ppl_sample=16", "gen.tasks=[]"]
+    run = training.run(tiny_cfg(*STAGE1, *common, "data.size=16", "gen.at_end=true",
+                                f"objective.full_finetune={str(full).lower()}"))
+    at_end = read_results(Path(run.run_dir)).generation["final"]
+    assert at_end["model"]["method"] == "autoregembed_compress" and at_end["model"]["merged"] is not full
+    assert np.isfinite(at_end["proxy"]["ppl_nli"])
+    if not full:  # gen_eval reads LoRA adapters (a fully fine-tuned run has none)
+        assert generation.run(tiny_cfg(*common, f"gen.target={run.run_dir}"))["proxy"] == at_end["proxy"]

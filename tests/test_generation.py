@@ -252,14 +252,17 @@ def test_gen_eval_on_a_tiny_run_base_and_at_end(tmp_path):
     assert {"eval/ppl_nli", "eval/logp_chosen", "eval/logp_margin"} <= set(start) & set(final)
     assert final["eval/logp_chosen"] != start["eval/logp_chosen"]  # DPO moved the policy
     at_end = read_results(run_dir).generation["final"]
-    assert at_end["tasks"]["truthfulqa_mc1"]["n"] == 2 and at_end["model"]["merged"] is False
+    assert at_end["tasks"]["truthfulqa_mc1"]["n"] == 2 and at_end["model"]["merged"] is True
     assert at_end["proxy"]["logp_chosen"] == pytest.approx(final["eval/logp_chosen"], abs=1e-4)
     assert any("gen/truthfulqa_mc1" in row for row in read_metrics(run_dir))
 
-    # the standalone entry on the finished run: merged adapter, same numbers, nothing else in results.json lost
+    # the standalone entry on the finished run: the same computation, nothing else in results.json lost
     record = gen_eval.run(compose_config([*common, f"gen.target={run_dir}"], root))
-    assert record["model"]["merged"] is True and record["proxy"]["fingerprint"] == at_end["proxy"]["fingerprint"]
-    assert record["proxy"]["logp_chosen"] == pytest.approx(at_end["proxy"]["logp_chosen"], abs=1e-4)
+    assert record["proxy"] == at_end["proxy"]
+    def scores(tasks: dict) -> dict:  # (the record in memory keys by GenTask)
+        return {str(t): {k: v for k, v in r.items() if k != "seconds"} for t, r in tasks.items()}
+
+    assert scores(record["tasks"]) == scores(at_end["tasks"])
     saved = read_results(run_dir)
     assert saved.final == results.final and saved.finished and saved.generation["final"] == record
     superseded = [json.loads(line) for line in (run_dir / SUPERSEDED_GENERATION_FILE).read_text().splitlines()]
@@ -296,9 +299,10 @@ def test_gen_eval_on_a_tiny_run_base_and_at_end(tmp_path):
     assert (logged["step"], logged["samples_seen"]) == (2, trained["samples_seen"]) == (2, 16)
 
 
-def test_at_end_of_a_bf16_run_scores_the_proxy_in_gen_evals_precision(tmp_path):
-    """A bf16 run's final adapter is scored as gen_eval (and so the untrained base record) scores it: float32 on a
-    CPU. Before, it was scored in the training's bf16 against a float32 base (Gemma-3: ppl 110.61 vs 111.23)."""
+def test_at_end_of_a_bf16_run_is_gen_evals_computation(tmp_path):
+    """A bf16 run's final adapter is scored as gen_eval (and so the untrained base record) scores it: loaded on the
+    backbone in float32 on a CPU. Scoring the training's model instead (its weights in bf16, or cast from bf16 to
+    float32) is not that computation (SmolLM2: proxy margin 0.682 against 0.723)."""
     root = make_data_root(tmp_path / "data")
     common = [*TINY_OVERRIDES, f"paths.runs_dir={tmp_path / 'runs'}", "eval=stsb_dev", "eval.ppl_sample=16",
               "gen.tasks=[]", "backbone.dtype=bfloat16"]
@@ -306,9 +310,7 @@ def test_at_end_of_a_bf16_run_scores_the_proxy_in_gen_evals_precision(tmp_path):
     at_end = read_results(run_dir).generation["final"]
     record = gen_eval.run(compose_config([*common, f"gen.target={run_dir}"], root))
     assert at_end["model"]["dtype"] == record["model"]["dtype"] == "float32"
-    # not equal to the bit: gen_eval loads the backbone in float32, the run's weights were rounded to bf16
-    assert at_end["proxy"]["ppl_nli"] == pytest.approx(record["proxy"]["ppl_nli"], rel=2e-4)
-    assert at_end["proxy"]["logp_margin"] == pytest.approx(record["proxy"]["logp_margin"], abs=2e-4)
+    assert at_end["proxy"] == record["proxy"]
 
 
 @pytest.mark.parametrize("override, key", [("gen.limits.mmlu=0", "gen.limits.mmlu"), ("gen.limit=0", "gen.limit"),

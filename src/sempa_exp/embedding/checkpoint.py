@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
 
-from sempa_exp.config.schema import Config, ConfigError, MethodSettings
+from sempa_exp.config.schema import BackboneConfig, Config, ConfigError, MethodSettings
 from sempa_exp.embedding.base import LoadedMethod
 from sempa_exp.embedding.prompt import PromptMethod
 from sempa_exp.models.compress_tokens import (
@@ -97,6 +98,26 @@ def attach_adapter(model: torch.nn.Module, adapter_dir: Path) -> PeftModel:
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
 
 
+def load_trained(backbone: BackboneConfig, cache_dir: str | Path, trained: Path, run_config: dict | None,
+                 dtype: str | None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The backbone (in ``dtype``) with what its run trained: the LoRA adapter in ``trained`` attached, not merged, or
+    the full weights an AutoRegEmbed run with objective.full_finetune saved there; an AutoRegEmbed run's compress
+    tokens are added first, as its run added them. The one way an evaluation (embeddings, generation) loads a run."""
+    from sempa_exp.models.backbones import load_backbone
+
+    full = full_weights_folder(trained)
+    model, tokenizer = load_backbone(backbone, cache_dir, dtype=dtype)
+    compress = ((run_config or {}).get("objective") or {}).get("compress_tokens")
+    if compress:  # AutoRegEmbed: the adapter holds the trained rows of the tokens its run added
+        add_compress_tokens(model, tokenizer, int(compress), seed=int(run_config.get("seed", 0)))
+        if full:  # trained with objective.full_finetune: the run saved every weight
+            return full_weights_model(full, model), tokenizer
+    elif full:
+        raise ConfigError(f"{trained} holds full model weights; they are read only for AutoRegEmbed runs "
+                          f"(objective.full_finetune=true)")
+    return attach_adapter(model, trained), tokenizer
+
+
 class CheckpointMethod(PromptMethod):
     """The ``embed`` prompt on the backbone with a trained adapter attached (never cached on disk)."""
 
@@ -114,21 +135,13 @@ class CheckpointMethod(PromptMethod):
 
     @classmethod
     def load(cls, cfg: Config, settings: MethodSettings, device: torch.device) -> LoadedMethod:
-        from sempa_exp.models.backbones import load_backbone
-
-        full = full_weights_folder(Path(cfg.method.path).expanduser())
-        adapter = full or resolve_adapter(cfg.method.path)
+        adapter = full_weights_folder(Path(cfg.method.path).expanduser()) or resolve_adapter(cfg.method.path)
         run_config = check_backbone(adapter, cfg.backbone.name, cfg.embed.name)
-        model, tokenizer = load_backbone(cfg.backbone, cfg.paths.cache_dir, dtype=cfg.eval.dtype)
-        compress = ((run_config or {}).get("objective") or {}).get("compress_tokens")
-        if compress:  # AutoRegEmbed: the adapter holds the trained rows of the tokens its run added
-            add_compress_tokens(model, tokenizer, int(compress), seed=int(run_config.get("seed", 0)))
-            if full:  # trained with objective.full_finetune: the run saved every weight
-                model = full_weights_model(full, model)
-        elif full:
-            raise ConfigError(f"method.path={cfg.method.path} holds full model weights; method=checkpoint reads them "
-                              f"only for AutoRegEmbed runs (objective.full_finetune=true)")
-        model = model.to(device) if full else attach_adapter(model, adapter).to(device)
+        try:
+            model, tokenizer = load_trained(cfg.backbone, cfg.paths.cache_dir, adapter, run_config, cfg.eval.dtype)
+        except ConfigError as exc:
+            raise ConfigError(f"method.path={cfg.method.path}: {exc}") from None
+        model = model.to(device)
         merged = cfg.eval.merge_adapter and fold_lora(model) is not None  # for good: this model only evaluates
         info = {"adapter": str(Path(adapter).resolve()), "trained_with": trained_objective(run_config),
                 "samples_seen": trained_samples(adapter), "merged": merged}

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sempa_exp.config.schema import Config, ConfigError, data_dir, refuse_unknown_keys, validate
 from sempa_exp.data import nli
-from sempa_exp.embedding.checkpoint import trained_objective
+from sempa_exp.embedding.checkpoint import load_trained, trained_objective
 from sempa_exp.evaluation.generation import evaluate_generation, flat_metrics
 from sempa_exp.evaluation.perplexity import build_proxy_set
 from sempa_exp.launch.distributed import device_for
@@ -85,13 +85,14 @@ def effective_config(cfg: DictConfig, target: Target) -> DictConfig:
 
 def load_model(config: Config, target: Target, device: torch.device):
     dtype = config.gen.dtype or ("float32" if device.type == "cpu" else config.backbone.dtype)
-    model, tokenizer = load_backbone(config.backbone, config.paths.cache_dir, dtype=dtype)
     merged = False
-    if target.adapter is not None:
+    if target.adapter is None:
+        model, tokenizer = load_backbone(config.backbone, config.paths.cache_dir, dtype=dtype)
+    else:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(target.adapter))
-        if config.gen.merge_adapter:
+        model, tokenizer = load_trained(config.backbone, config.paths.cache_dir, target.adapter, target.saved, dtype)
+        if config.gen.merge_adapter and isinstance(model, PeftModel):
             model, merged = model.merge_and_unload(), True
     model.to(device).eval()
     info = {"backbone": config.backbone.name, "adapter": str(target.adapter) if target.adapter else None,

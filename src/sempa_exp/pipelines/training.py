@@ -43,7 +43,7 @@ from sempa_exp.evaluation.suites import (
 )
 from sempa_exp.launch.distributed import device_for, world
 from sempa_exp.launch.memory import return_freed_memory
-from sempa_exp.models.backbones import TORCH_DTYPES, backbone_fingerprint, load_backbone
+from sempa_exp.models.backbones import backbone_fingerprint, load_backbone
 from sempa_exp.models.lora import lora_folded
 from sempa_exp.objectives.base import Objective, build_objective
 from sempa_exp.records import identity, rundir
@@ -347,21 +347,21 @@ class TrainingRun:
         return scores
 
     def evaluate_generation(self, final_step: int) -> None:
-        """gen.at_end: lm-eval benchmarks + perplexity proxy on the trained policy (PEFT, not merged)."""
+        """gen.at_end: lm-eval benchmarks + perplexity proxy on the saved final adapter, loaded as ``gen_eval
+        gen.target=<this run>`` loads it (gen_eval's precision, merged as it merges), so the record is gen_eval's
+        computation of the run and compares like with like against the untrained backbone's gen_eval record. The
+        training's model in memory is not that: its base weights were loaded in the training's precision (SmolLM2-135M
+        SemPA, bf16 weights scored in float32: proxy margin 0.682 against gen_eval's 0.723)."""
         from sempa_exp.evaluation.generation import evaluate_generation, flat_metrics
+        from sempa_exp.pipelines.generation import Target, load_model
         from sempa_exp.records.results import add_generation
 
-        cfg = self.cfg
-        # gen_eval's precision (gen.dtype, else float32 on CPU), so that the proxy's ratio against the untrained
-        # backbone's (a gen_eval record) compares like with like; the model's last use, so it is cast in place
-        dtype = cfg.gen.dtype or ("float32" if self.device.type == "cpu" else cfg.backbone.dtype)
-        model = self.trainer.model.to(TORCH_DTYPES[dtype])
-        info = {"backbone": cfg.backbone.name, "adapter": str(self.prep.run_dir / "adapter"), "merged": False,
-                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": str(self.device),
-                "step": final_step}
-        record = evaluate_generation(model, self.tokenizer, cfg.gen, data_dir(cfg),
+        cfg, run_dir = self.cfg, self.prep.run_dir
+        target = Target(run_dir, "final", run_dir / "adapter", final_step, self.prep.resolved)
+        model, tokenizer, info = load_model(cfg, target, self.device)
+        record = evaluate_generation(model, tokenizer, cfg.gen, data_dir(cfg),
                                      self.prep.eval_data.proxy if cfg.gen.proxy else None, info)
-        add_generation(self.prep.run_dir, "final", record, new=read_results(self.prep.run_dir))
+        add_generation(run_dir, "final", record, new=read_results(run_dir))
         metrics = flat_metrics(record)
         self.run_logger.log(metrics, step=final_step, samples_seen=self.samples_at(final_step))
         self.run_logger.summary(metrics)
