@@ -357,6 +357,9 @@ class TrainingRun:
         from sempa_exp.records.results import add_generation
 
         cfg, run_dir = self.cfg, self.prep.run_dir
+        if self.device.type == "cuda":  # the training's model is done with: its GPU memory goes to the copy loaded next
+            self.trainer.model.to("cpu")
+            torch.cuda.empty_cache()
         target = Target(run_dir, "final", run_dir / "adapter", final_step, self.prep.resolved)
         model, tokenizer, info = load_model(cfg, target, self.device)
         record = evaluate_generation(model, tokenizer, cfg.gen, data_dir(cfg),
