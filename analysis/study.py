@@ -269,6 +269,8 @@ def study_generation_table(runs: list[RunRecord]) -> Table:
         if run.backbone and "base" in run.generation and run.backbone not in bases:
             bases[run.backbone] = run.generation["base"]
     cells = study_cells(runs)
+    unscored = [c for c in cells if not any(r.generation.get("final") for r in c.runs)]
+    cells = [c for c in cells if c not in unscored]
     for backbone in sorted({c.backbone for c in cells}):
         base = bases.get(backbone)
         base_ppl = _proxy_value(base, "ppl_nli")
@@ -292,10 +294,15 @@ def study_generation_table(runs: list[RunRecord]) -> Table:
         "proxy's fingerprint) in the same precision (the records' model dtype).",
         "base: the untrained backbone, from a generation record among the report's sources "
         "(python -m sempa_exp.gen_eval backbone=B 'gen.tasks=[]' writes runs/base/B); lm-eval avg only "
-        "where a run was scored on the benchmarks (python -m sempa_exp.gen_eval gen=quick gen.target=RUN).",
+        "where a run was scored on the benchmarks (python -m sempa_exp.gen_eval gen=quick gen.target=RUN), the mean "
+        "over the seeds that were (study_benchmarks names them and pairs them with the base by document).",
     ]
     if not bases:
         table.notes.append("No untrained-backbone generation record among the sources: the base rows are missing.")
+    if unscored:
+        table.notes.append("Left out, no final adapter scored (gen.at_end off; python -m sempa_exp.gen_eval "
+                           "'gen.tasks=[]' gen.target=RUN scores one): "
+                           + ", ".join(c.label for c in unscored) + ".")
     return table
 
 

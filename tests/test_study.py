@@ -197,6 +197,17 @@ def test_the_generation_table_holds_the_final_adapters_against_the_base(study_ru
     assert [r["ppl vs base"] for r in study_generation_table([*runs, bf16]).records()[1:]] == [None, None]
 
 
+def test_the_generation_table_leaves_out_settings_without_a_scored_adapter(study_runs):
+    runs = collect_local([study_runs])
+    shorten_names(runs)
+    unscored = study_cells(runs)[0]
+    for run in unscored.runs:
+        run.generation = {k: v for k, v in run.generation.items() if k != "final"}
+    table = study_generation_table(runs)
+    assert [r["setting"] for r in table.records()] == [c.label for c in study_cells(runs)[1:]]
+    assert any("Left out" in n and unscored.label in n for n in table.notes)
+
+
 def _tqa(values: dict[int, float], digest: str = "d1") -> dict:
     """A generation record with TruthfulQA MC1's per-question outcomes (doc_id -> 0/1), as run_benchmarks writes it."""
     ids = sorted(values)
