@@ -399,23 +399,28 @@ def study_curves_figure(runs: list[RunRecord]) -> FigureResult:
         result.missing.append("no finished run with a best-by-dev evaluation (eval.at_best)")
         return result
     backbones = sorted({c.backbone for c in cells})
-    fig, axes = plt.subplots(1, len(backbones), figsize=(6.5 * len(backbones), 4.5), squeeze=False)
+    most = max(sum(c.backbone == b for c in cells) for b in backbones)
+    fig, axes = plt.subplots(1, len(backbones), figsize=(6.5 * len(backbones), 4.5 + 0.22 * most), squeeze=False)
     for ax, backbone in zip(axes[0], backbones, strict=True):
-        for cell in (c for c in cells if c.backbone == backbone):
+        for i, cell in enumerate(c for c in cells if c.backbone == backbone):
             by_x: dict[int, list[float]] = defaultdict(list)
             for run in cell.runs:
                 for x, y in run.series("stsb_dev"):
                     by_x[x].append(y)
             xs = sorted(x for x in by_x if len(by_x[x]) == len(cell.runs))
             points = [(x, float(np.mean(by_x[x]))) for x in xs]
-            name = f"{method_label(cell.method)}: {cell.label}"
-            _plot_line(ax, result, backbone, name, ", ".join(r.label for r in cell.runs), points, marker=".")
+            # the panel is the backbone, so the legend leaves it out of the setting
+            setting = ",".join(p for p in cell.setting.split(",") if p != f"backbone={backbone}") or "default"
+            seeds = f"{len(cell.runs)} seed" + "s" * (len(cell.runs) > 1)
+            name = f"{method_label(cell.method)}: {cell.group}/{setting} ({seeds})"
+            _plot_line(ax, result, backbone, name, ", ".join(r.label for r in cell.runs), points, marker=".",
+                       color=f"C{i}")
             if len(cell.runs) > 1 and xs:
-                ax.fill_between(xs, [min(by_x[x]) for x in xs], [max(by_x[x]) for x in xs], alpha=0.15)
+                ax.fill_between(xs, [min(by_x[x]) for x in xs], [max(by_x[x]) for x in xs], color=f"C{i}", alpha=0.15)
         ax.set_title(backbone)
         ax.set_xlabel("training samples")
         ax.set_ylabel("STS-B dev (Spearman x 100)")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.tight_layout()
     result.figure = fig
     return result

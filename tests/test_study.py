@@ -19,6 +19,7 @@ from analysis.study import (
     study_benchmarks_table,
     study_cells,
     study_contrasts_table,
+    study_curves_figure,
     study_generation_table,
     study_table,
 )
@@ -83,6 +84,17 @@ def test_the_report_has_the_study_section(study_runs, tmp_path):
     run = next(r for r in report.runs if r.best)
     first = figure.points("tiny", next(p["series"] for p in figure.series))[0]
     assert first == (0, pytest.approx(run.start["eval/stsb_dev"]))  # the untrained start, the same for every seed
+    (ax,) = figure.figure.axes
+    from matplotlib.colors import to_rgb
+
+    lines = {line.get_label(): to_rgb(line.get_color()) for line in ax.get_lines()}
+    assert all("backbone=" not in name and "2 seeds" in name for name in lines)  # the panel names the backbone
+    bands = [tuple(band.get_facecolor()[0][:3]) for band in ax.collections]
+    assert len(bands) == len(lines) and set(bands) == set(lines.values())  # each seeds' band in its line's colour
+    one_seed_first = [r for r in report.runs if r.best and not (r.config["seed"] == 2 and "1e-2" in r.name)]
+    (ax,) = study_curves_figure(one_seed_first).figure.axes
+    (band,) = ax.collections  # only the 2-seed setting has one: the second line's colour, not the first's
+    assert tuple(band.get_facecolor()[0][:3]) == to_rgb(ax.get_lines()[1].get_color())
     assert "Small-backbone study" in (tmp_path / "report" / "index.md").read_text()
 
 
