@@ -270,6 +270,7 @@ def study_generation_table(runs: list[RunRecord]) -> Table:
             bases[run.backbone] = run.generation["base"]
     cells = study_cells(runs)
     unscored = [c for c in cells if not any(r.generation.get("final") for r in c.runs)]
+    overlapping: list[str] = []
     cells = [c for c in cells if c not in unscored]
     for backbone in sorted({c.backbone for c in cells}):
         base = bases.get(backbone)
@@ -281,6 +282,10 @@ def study_generation_table(runs: list[RunRecord]) -> Table:
             finals = [r.generation.get("final") for r in cell.runs]
             ppl, ppl_sd = _mean_sd([v for f in finals if (v := _proxy_value(f, "ppl_nli")) is not None])
             comparable = base_ppl is not None and all(_same_sample(f, base) for f in finals if f)
+            trained_on = [f for f in finals if f and (_proxy_value(f, "overlap_with_training") or 0) > 0]
+            if trained_on:  # the proxy scored triplets the run trained on: not a held-out measure
+                comparable = False
+                overlapping.append(cell.label)
             margin, margin_sd = _mean_sd([v for f in finals if (v := _proxy_value(f, "logp_margin")) is not None])
             scores = [v for f in finals if (v := _gen_average(f)) is not None]
             table.rows.append([backbone, method_label(cell.method), cell.label,
@@ -299,6 +304,9 @@ def study_generation_table(runs: list[RunRecord]) -> Table:
     ]
     if not bases:
         table.notes.append("No untrained-backbone generation record among the sources: the base rows are missing.")
+    if overlapping:
+        table.notes.append("No ppl vs base where the proxy's triplets were trained on (its overlap_with_training > 0: "
+                           "data.size + eval.ppl_sample exceeds the usable triplets): " + ", ".join(overlapping) + ".")
     if unscored:
         table.notes.append("Left out, no final adapter scored (gen.at_end off; python -m sempa_exp.gen_eval "
                            "'gen.tasks=[]' gen.target=RUN scores one): "

@@ -209,6 +209,18 @@ def test_the_generation_table_holds_the_final_adapters_against_the_base(study_ru
     assert [r["ppl vs base"] for r in study_generation_table([*runs, bf16]).records()[1:]] == [None, None]
 
 
+def test_the_generation_table_gives_no_ratio_for_a_proxy_on_trained_triplets(study_runs):
+    runs = collect_local([study_runs])
+    shorten_names(runs)
+    base = RunRecord(group="base", name="tiny", status="finished", method="base", kind="generation", backbone="tiny",
+                     generation={"base": {"proxy": {"ppl_nli": 50.0}, "model": {"dtype": "float32"}}})
+    trained_on = study_cells(runs)[0]
+    trained_on.runs[0].generation["final"]["proxy"]["overlap_with_training"] = 3
+    records = study_generation_table([*runs, base]).records()
+    assert [r["ppl vs base"] is None for r in records[1:]] == [True, False]
+    assert any("trained on" in n and trained_on.label in n for n in study_generation_table([*runs, base]).notes)
+
+
 def test_the_generation_table_leaves_out_settings_without_a_scored_adapter(study_runs):
     runs = collect_local([study_runs])
     shorten_names(runs)
