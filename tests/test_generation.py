@@ -194,12 +194,18 @@ def test_batched_scores_match_single_sequences_and_lm_eval(tiny):
     assert harness == pytest.approx([s for s, _ in singles], abs=1e-3)
 
 
-def test_heldout_set_is_disjoint_from_the_training_subset():
+def test_heldout_set_is_disjoint_from_the_training_subset(caplog):
     triplets = [nli.Triplet(f"p{i}", f"e{i}", f"c{i}") for i in range(100)]
     held = perplexity.heldout_triplets(triplets, 20, seed=7)
     assert not set(held) & set(nli.subset(triplets, 80, 7))
     assert set(held) <= set(nli.subset(triplets, 100, 7))
-    assert perplexity.build_proxy_set(triplets, 20, 7, "{s}", "", train_size=90).overlap_with_training == 10
+    with caplog.at_level("WARNING", logger=perplexity.__name__):
+        assert perplexity.build_proxy_set(triplets, 20, 7, "{s}", "", train_size=80).overlap_with_training == 0
+        assert not caplog.records
+        assert perplexity.build_proxy_set(triplets, 20, 7, "{s}", "", train_size=90).overlap_with_training == 10
+    (warning,) = caplog.records  # said when the run starts, not only in its record
+    assert "10 of its 20 triplets are also trained on" in warning.getMessage()
+    assert "data.size <= 80" in warning.getMessage()
     with pytest.raises(ConfigError, match="ppl_sample"):
         perplexity.heldout_triplets(triplets, 101, 7)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from transformers import PreTrainedTokenizerBase
 from sempa_exp.config.schema import ConfigError
 from sempa_exp.data.nli import Triplet
 from sempa_exp.data.prompts import dpo_prompt_messages
+
+log = logging.getLogger(__name__)
 
 PROXY_KEYS = ("ppl_nli", "logp_chosen", "logp_rejected", "logp_margin")
 
@@ -63,12 +66,17 @@ def build_proxy_set(triplets: Sequence[Triplet], n: int, seed: int, instruction:
                     train_size: int | None = None) -> ProxySet:
     held = heldout_triplets(triplets, n, seed)
     train_size = len(triplets) if train_size is None else train_size
+    overlap = max(0, train_size + n - len(triplets))
+    if overlap:
+        log.warning("perplexity proxy: %d of its %d triplets are also trained on (data.size %d + eval.ppl_sample %d > "
+                    "%d usable triplets): it is not a held-out measure; data.size <= %d keeps it held out",
+                    overlap, n, train_size, n, len(triplets), len(triplets) - n)
     return ProxySet(
         hypotheses=[t.entailment for t in held],
         prompts=[dpo_prompt_messages(instruction, t.premise, system_prompt) for t in held],
         chosen=[t.entailment for t in held],
         rejected=[t.contradiction for t in held],
-        overlap_with_training=max(0, train_size + n - len(triplets)),
+        overlap_with_training=overlap,
     )
 
 
