@@ -173,7 +173,8 @@ def no_model_load(monkeypatch):
 class FakeWandbRun:
     """What the code under test sees of ``wandb.init()``'s run: it records what it is sent."""
 
-    def __init__(self, fail_after: int | None = None) -> None:
+    def __init__(self, run_id: str, fail_after: int | None = None) -> None:
+        self.id = run_id
         self.fail_after = fail_after
         self.logged: list[tuple[int, dict]] = []
         self.summary: dict = {}
@@ -193,19 +194,25 @@ class FakeWandbRun:
 
 @pytest.fixture
 def fake_wandb(monkeypatch):
-    """``fake_wandb(fail_after=None)`` replaces wandb.init; returns the list of (init kwargs, FakeWandbRun) made."""
+    """``fake_wandb(fail_after=None, wrong_ids=0)`` replaces wandb.init (its first ``wrong_ids`` runs answer with
+    another run's id, as W&B's service once did) and wandb.teardown; returns the list of (init kwargs, FakeWandbRun)
+    made, and ``teardowns`` counts the service restarts."""
     import wandb
 
     made: list[tuple[dict, FakeWandbRun]] = []
 
-    def install(fail_after: int | None = None) -> list:
+    def install(fail_after: int | None = None, wrong_ids: int = 0) -> list:
         def init(**kwargs):
-            run = FakeWandbRun(fail_after)
+            wrong = len(made) < wrong_ids
+            run = FakeWandbRun("an0ther0run00000" if wrong else kwargs["id"], fail_after)
             made.append((kwargs, run))
             return run
 
         monkeypatch.setattr(wandb, "init", init)
+        monkeypatch.setattr(wandb, "teardown", lambda: install.teardowns.append(len(made)))
         return made
+
+    install.teardowns = []
 
     return install
 

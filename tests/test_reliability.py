@@ -218,6 +218,73 @@ def test_wandb_failing_mid_run_does_not_stop_training(tiny_cfg, fake_wandb, capl
     assert sorted(r["step"] for r in rows if "eval/stsb_dev" in r) == [0, 2, 4]
 
 
+def test_a_wandb_run_answering_with_another_runs_id_is_started_again_on_a_fresh_service(tmp_path, fake_wandb,
+                                                                                        caplog):
+    """W&B's service once answered a run started right after another one finished in the same process with the
+    earlier run's id (CI, wandb 0.31): every record went to that run. The wrong run is finished, the service
+    restarted, the run started again; the records go to the right one only."""
+    made = fake_wandb(wrong_ids=1)
+    with caplog.at_level(logging.WARNING):
+        logger = RunLogger(tmp_path, LoggerConfig(mode="offline"), run_id="e16ed0d821efef99", group="g", name="n",
+                           config={})
+    (_, wrong), (kwargs, right) = made
+    assert kwargs["reinit"] == "create_new"  # never a run left active in this process
+    assert fake_wandb.teardowns == [1] and wrong.finished == [1] and logger.wandb is right
+    assert any("W&B started run an0ther0run00000" in r.getMessage() and "e16ed0d821efef99" in r.getMessage()
+               for r in caplog.records)
+    logger.log({"train/loss": 0.5}, step=1, samples_seen=8)
+    logger.finish()
+    assert wrong.logged == [] and right.logged == [(1, {"samples_seen": 8, "train/loss": 0.5})]
+
+
+def test_a_wandb_run_answering_with_another_runs_id_twice_leaves_wandb_out(tmp_path, fake_wandb, caplog):
+    made = fake_wandb(wrong_ids=2)
+    with caplog.at_level(logging.WARNING):
+        logger = RunLogger(tmp_path, LoggerConfig(mode="offline"), run_id="e16ed0d821efef99", group="g", name="n",
+                           config={})
+    assert logger.wandb is None and len(made) == 2 and all(run.finished == [1] for _, run in made)
+    assert any("W&B could not start" in r.getMessage() and "instead of e16ed0d821efef99" in r.getMessage()
+               for r in caplog.records)
+    logger.log({"train/loss": 0.5}, step=1, samples_seen=8)
+    logger.finish()
+    assert [(r["step"], r["train/loss"]) for r in read_metrics(tmp_path)] == [(1, 0.5)]
+    assert all(run.logged == [] for _, run in made)
+
+
+def test_a_wandb_run_left_active_in_the_process_does_not_take_the_next_runs_records(tmp_path):
+    """A real offline W&B run left unfinished (a sweep job whose W&B finish failed): the next run directory's records
+    still go to its own run file, not to the one left active (wandb.init's default hands that one back)."""
+    import wandb
+
+    from wandb_offline import history
+
+    left = wandb.init(project="sempa-exp", id="leftactive0000aa", mode="offline", dir=str(tmp_path),
+                      settings=wandb.Settings(console="off", silent=True))
+    try:
+        run_dir = tmp_path / "g" / "n"
+        run_dir.mkdir(parents=True)
+        run_id = identity.wandb_run_id(run_dir)
+        logger = RunLogger(run_dir, LoggerConfig(mode="offline"), run_id=run_id, group="g", name="n", config={})
+        for step in (1, 2, 3):
+            logger.log({"train/loss": 1.0 / step}, step=step, samples_seen=8 * step)
+        logger.finish()
+    finally:
+        left.finish()
+    (own,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-*.wandb")
+    assert [r["_step"] for r in history(own) if "train/loss" in r] == [1, 2, 3]
+    (other,) = (tmp_path / "wandb").glob("offline-run-*-leftactive0000aa/run-*.wandb")
+    assert [r for r in history(other) if "train/loss" in r] == []
+
+
+def test_sync_wandb_says_in_one_line_when_wandb_answers_with_another_run_twice(copied_run, fake_wandb, capsys):
+    fake_wandb(wrong_ids=2)
+    with pytest.raises(SystemExit) as stopped:
+        sync_wandb.main([str(copied_run), "--mode", "offline"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"instead of {identity.wandb_run_id(copied_run)}" in err and f"sync_wandb {copied_run}" in err
+
+
 @pytest.fixture
 def copied_run(reference, tmp_path) -> Path:
     """A copy of the reference run under the same group/name (so the same W&B id)."""

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sempa_exp.config.schema import LoggerConfig
+from sempa_exp.config.schema import ConfigError, LoggerConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,30 @@ def _jsonable(value: Any) -> Any:
 
 def init_wandb_run(cfg: LoggerConfig, mode: str, *, run_id: str, group: str, name: str, config: dict,
                    run_dir: Path) -> Any:
-    """The W&B run of a run directory (also used by sync_wandb): a deterministic id, resumed if it exists."""
+    """The W&B run of a run directory (also used by sync_wandb): a deterministic id, resumed if it exists.
+
+    It is the directory's own run or none. ``reinit="create_new"``: a run left active in this process (a job of a
+    sweep whose W&B finish failed) is not handed back. And the id is checked: W&B's service has answered a run started
+    right after another finished in the same process with the earlier run's id (CI, wandb 0.31, offline), so that
+    every record went to the earlier run. Then the service is restarted and the run started once more; a second
+    mismatch raises ConfigError (metrics.jsonl keeps everything; sync_wandb replays it later)."""
     import wandb
 
-    run = wandb.init(
-        project=cfg.project, entity=cfg.entity, group=group, name=f"{group}/{name}", id=run_id,
-        resume="allow", config=config, tags=list(cfg.tags), mode=mode, dir=str(run_dir),
-        settings=wandb.Settings(init_timeout=120, console="off", silent=True))
+    for attempt in (1, 2):
+        run = wandb.init(
+            project=cfg.project, entity=cfg.entity, group=group, name=f"{group}/{name}", id=run_id,
+            resume="allow", config=config, tags=list(cfg.tags), mode=mode, dir=str(run_dir), reinit="create_new",
+            settings=wandb.Settings(init_timeout=120, console="off", silent=True))
+        if run.id == run_id:
+            break
+        log.warning("W&B started run %s for %s, whose run is %s (attempt %d of 2); restarting W&B's service",
+                    run.id, run_dir, run_id, attempt)
+        with contextlib.suppress(Exception):
+            run.finish(exit_code=1)
+        wandb.teardown()
+    else:
+        raise ConfigError(f"W&B started run {run.id} instead of {run_id} for {run_dir} twice; its metrics stay in "
+                          f"{Path(run_dir) / METRICS_FILE}: python -m sempa_exp.sync_wandb {run_dir} replays them")
     run.define_metric("samples_seen")
     run.define_metric("*", step_metric="samples_seen", step_sync=True)
     return run
