@@ -229,7 +229,7 @@ def test_a_wandb_run_answering_with_another_runs_id_is_started_again_on_a_fresh_
                            config={})
     (_, wrong), (kwargs, right) = made
     assert kwargs["reinit"] == "create_new"  # never a run left active in this process
-    assert fake_wandb.teardowns == [1] and wrong.finished == [1] and logger.wandb is right
+    assert fake_wandb.teardowns == [1] and wrong.finished == [0] and logger.wandb is right  # not marked failed
     assert any("W&B started run an0ther0run00000" in r.getMessage() and "e16ed0d821efef99" in r.getMessage()
                for r in caplog.records)
     logger.log({"train/loss": 0.5}, step=1, samples_seen=8)
@@ -237,12 +237,26 @@ def test_a_wandb_run_answering_with_another_runs_id_is_started_again_on_a_fresh_
     assert wrong.logged == [] and right.logged == [(1, {"samples_seen": 8, "train/loss": 0.5})]
 
 
+def test_a_wandb_service_that_exits_badly_on_its_restart_does_not_end_the_run(tmp_path, fake_wandb, monkeypatch,
+                                                                             caplog):
+    """wandb.teardown() calls sys.exit with a failed service's status; the run goes on with the restarted W&B."""
+    import wandb
+
+    made = fake_wandb(wrong_ids=1)
+    monkeypatch.setattr(wandb, "teardown", lambda: (_ for _ in ()).throw(SystemExit(1)))
+    with caplog.at_level(logging.WARNING):
+        logger = RunLogger(tmp_path, LoggerConfig(mode="offline"), run_id="e16ed0d821efef99", group="g", name="n",
+                           config={})
+    assert logger.wandb is made[1][1]
+    assert any("did not shut down cleanly" in r.getMessage() for r in caplog.records)
+
+
 def test_a_wandb_run_answering_with_another_runs_id_twice_leaves_wandb_out(tmp_path, fake_wandb, caplog):
     made = fake_wandb(wrong_ids=2)
     with caplog.at_level(logging.WARNING):
         logger = RunLogger(tmp_path, LoggerConfig(mode="offline"), run_id="e16ed0d821efef99", group="g", name="n",
                            config={})
-    assert logger.wandb is None and len(made) == 2 and all(run.finished == [1] for _, run in made)
+    assert logger.wandb is None and len(made) == 2 and all(run.finished == [0] for _, run in made)
     assert any("W&B could not start" in r.getMessage() and "instead of e16ed0d821efef99" in r.getMessage()
                for r in caplog.records)
     logger.log({"train/loss": 0.5}, step=1, samples_seen=8)

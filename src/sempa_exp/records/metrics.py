@@ -103,8 +103,11 @@ def init_wandb_run(cfg: LoggerConfig, mode: str, *, run_id: str, group: str, nam
         log.warning("W&B started run %s for %s, whose run is %s (attempt %d of 2); restarting W&B's service",
                     run.id, run_dir, run_id, attempt)
         with contextlib.suppress(Exception):
-            run.finish(exit_code=1)
-        wandb.teardown()
+            run.finish()  # the record it answered with is another run's: not to be marked failed
+        try:
+            wandb.teardown()
+        except (Exception, SystemExit) as exc:  # teardown exits with a failed service's status: W&B never ends a run
+            log.warning("W&B's service did not shut down cleanly (%s)", exc)
     else:
         raise ConfigError(f"W&B started run {run.id} instead of {run_id} for {run_dir} twice; its metrics stay in "
                           f"{Path(run_dir) / METRICS_FILE}: python -m sempa_exp.sync_wandb {run_dir} replays them")
